@@ -1,0 +1,1 @@
+"""Alert engine, notifiers and the Prometheus alert rules."""

@@ -1,0 +1,346 @@
+"""The alert engine: decides *when* to notify; alerts/delivery.py decides *how*.
+
+It is a pipeline sink. Task failures arrive on the event thread and cost one dict
+lookup unless they open a new alert; everything time-based (workers going silent,
+thresholds, storm summaries) is evaluated in ``on_tick`` about once a second.
+
+Keys are derived from event data (task ids, heartbeat timestamps, the failure that
+opened a storm window) so that two sidecars reading the same stream produce the same
+keys and the delivery layer's claim posts each page once. Threshold episodes are keyed
+by the 5-minute bucket in which the breach began (documented in docs/alerts.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from alerts.config import AlertsConfig, RuleConfig
+from alerts.model import Alert
+from exporters.probes import ProbeReadings
+from monitor.config import Config
+from monitor.pipeline import Sink, Update
+from monitor.state import State, TaskUpdate, WorkerUpdate
+
+log = logging.getLogger(__name__)
+
+MAX_STORMS = 1000  # distinct (task, exception) groups tracked at once
+MIN_RETRY_SAMPLES = 10  # outcomes in the window before the retry ratio can alert
+EPISODE_BUCKET = 300.0
+LATE_EVENT_SLACK = 1.0  # seconds to wait for late events before closing a storm window
+
+
+class Dispatcher:  # the part of alerts.delivery.Dispatcher the engine uses
+    def start(self) -> None: ...
+    def submit(self, alert: Alert) -> None: ...
+    def update_config(self, cfg: AlertsConfig) -> None: ...
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+@dataclass
+class _Storm:
+    opened_by: str  # uuid of the failure whose alert opened this window
+    window_start: float  # event timestamp
+    suppressed: int = 0
+    last: TaskUpdate | None = None
+
+
+@dataclass
+class _Breach:
+    """One (rule, subject) threshold: pending → firing → resolving → gone."""
+
+    since: float
+    value: float
+    limit: float
+    firing_key: str | None = None
+    clear_since: float | None = None
+
+
+@dataclass(frozen=True)
+class _Signal:
+    rule: str
+    subject: str
+    value: float
+    limit: float
+    describe: str  # "queue celery holds 150 messages"
+    unit: str
+
+
+class AlertEngine(Sink):
+    def __init__(self, config: Config, state: State, dispatcher: Dispatcher, readings: ProbeReadings) -> None:
+        self.config = config
+        self.state = state
+        self.dispatcher = dispatcher
+        self.readings = readings
+        self.storms: dict[tuple[str, str], _Storm] = {}
+        self.breaches: dict[tuple[str, str], _Breach] = {}
+        self.offline_groups: dict[str, str] = {}
+
+    @property
+    def rules(self):
+        return self.config.alerts.rules
+
+    def start(self) -> None:
+        self.dispatcher.start()
+
+    def stop(self) -> None:
+        self.dispatcher.stop()
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        self.dispatcher.update_config(config.alerts)
+
+    # -- events -----------------------------------------------------------------------
+
+    def on_update(self, update: Update) -> None:
+        if type(update) is TaskUpdate:
+            if update.kind == "failed" and self.rules.task_failed.enabled:
+                self._task_failed(update)
+        elif update.kind == "offline" and update.reason == "shutdown":
+            self._worker_shutdown(update)
+        elif update.kind == "online" and update.hostname in self.offline_groups:
+            self._worker_back(update)
+
+    def _task_failed(self, update: TaskUpdate) -> None:
+        group = (update.name, update.exception or "Exception")
+        storm = self.storms.get(group)
+        window = self.config.alerts.storm_window_seconds
+        if storm is not None and update.timestamp < storm.window_start + window:
+            storm.suppressed += 1
+            storm.last = update
+            return
+        if storm is not None:
+            self._flush_storm(group, storm)
+        if len(self.storms) >= MAX_STORMS:
+            oldest = min(self.storms, key=lambda g: self.storms[g].window_start)
+            self._flush_storm(oldest, self.storms.pop(oldest))
+        self.storms[group] = _Storm(update.uuid, update.timestamp)
+        self.dispatcher.submit(self._failure_alert(update))
+
+    def _failure_alert(self, u: TaskUpdate) -> Alert:
+        cfg = self.config.alerts
+        fields = {
+            "Task": u.name,
+            "Task ID": u.uuid,
+            "Exception": u.exception or "unknown",
+            "Worker": u.hostname,
+            "Queue": u.queue,
+            "Retries": str(u.retries),
+        }
+        if cfg.include_args:
+            fields["Args"] = str(u.args)
+            fields["Kwargs"] = str(u.kwargs)
+        return Alert(
+            key=f"task_failed:{u.uuid}",
+            group=f"task_failed:{u.uuid}",
+            kind="task_failed",
+            status="firing",
+            severity=self.rules.task_failed.severity,
+            title=f"Task failed: {u.name}",
+            text=f"{u.exception_message or u.exception or 'unknown error'}"[:2000],
+            fields=fields,
+            task_name=u.name,
+            traceback=u.traceback,
+            link=f"{cfg.flower_url.rstrip('/')}/task/{u.uuid}" if cfg.flower_url else None,
+            created_at=u.timestamp,
+        )
+
+    def _flush_storm(self, group: tuple[str, str], storm: _Storm) -> None:
+        if not storm.suppressed:
+            return
+        name, exc = group
+        window = self.config.alerts.storm_window_seconds
+        last = storm.last
+        self.dispatcher.submit(
+            Alert(
+                key=f"failure_summary:{storm.opened_by}",
+                group=f"task_failed:{storm.opened_by}",
+                kind="failure_summary",
+                status="firing",
+                severity=self.rules.task_failed.severity,
+                title=f"+{storm.suppressed} more of {name}: {exc} in the last {window:g} s",
+                text=f"{storm.suppressed} further failures of {name} with {exc} after the one reported.",
+                fields={"Task": name, "Exception": exc, "Count": str(storm.suppressed),
+                        "Last worker": last.hostname if last else "", "Last task ID": last.uuid if last else ""},
+                task_name=name,
+                created_at=storm.window_start + window,
+            )
+        )
+        storm.suppressed = 0
+
+    def _worker_shutdown(self, update: WorkerUpdate) -> None:
+        self.offline_groups.pop(update.hostname, None)
+        rule = self.rules.worker_shutdown
+        if rule.enabled:
+            self.dispatcher.submit(
+                Alert(
+                    key=f"worker_shutdown:{update.hostname}:{update.last_heartbeat_ts:.3f}",
+                    group=f"worker_shutdown:{update.hostname}:{update.last_heartbeat_ts:.3f}",
+                    kind="worker_shutdown",
+                    status="info",
+                    severity=rule.severity,
+                    title=f"Worker shut down: {update.hostname}",
+                    text=f"{update.hostname} sent worker-offline (a graceful shutdown).",
+                    fields={"Worker": update.hostname},
+                    created_at=update.timestamp,
+                )
+            )
+
+    def _worker_lost(self, update: WorkerUpdate) -> None:
+        rule = self.rules.worker_offline
+        if not rule.enabled:
+            return
+        group = f"worker_offline:{update.hostname}:{update.last_heartbeat_ts:.3f}"
+        self.offline_groups[update.hostname] = group
+        if len(self.offline_groups) > self.config.state.max_workers:
+            self.offline_groups.pop(next(iter(self.offline_groups)))
+        silent = update.timestamp - update.last_heartbeat_ts
+        self.dispatcher.submit(
+            Alert(
+                key=group, group=group, kind="worker_offline", status="firing", severity=rule.severity,
+                title=f"Worker offline: {update.hostname}",
+                text=f"No heartbeat from {update.hostname} for {silent:.0f} s (killed, OOM or network).",
+                fields={"Worker": update.hostname, "Silent for": f"{silent:.0f} s"},
+                created_at=update.timestamp,
+            )
+        )
+
+    def _worker_back(self, update: WorkerUpdate) -> None:
+        group = self.offline_groups.pop(update.hostname)
+        self.dispatcher.submit(
+            Alert(
+                key=f"{group}:resolved", group=group, kind="worker_online", status="resolved",
+                severity=self.rules.worker_offline.severity,
+                title=f"Worker back online: {update.hostname}",
+                text=f"Heartbeats from {update.hostname} have resumed.",
+                fields={"Worker": update.hostname},
+                created_at=update.timestamp,
+            )
+        )
+
+    # -- time -------------------------------------------------------------------------
+
+    def on_tick(self, now: float, offline: list[WorkerUpdate], forgotten: list[str]) -> None:
+        for update in offline:
+            self._worker_lost(update)
+        window = self.config.alerts.storm_window_seconds
+        for group, storm in list(self.storms.items()):
+            if now >= storm.window_start + window + LATE_EVENT_SLACK:
+                if storm.suppressed:
+                    self._flush_storm(group, storm)
+                    # The storm goes on: the next window starts where this one ended.
+                    storm.window_start += window
+                else:
+                    del self.storms[group]
+        self._evaluate_thresholds(now)
+
+    def _evaluate_thresholds(self, now: float) -> None:
+        seen: set[tuple[str, str]] = set()
+        for signal in self._signals(now):
+            rule: RuleConfig = getattr(self.rules, signal.rule)
+            if not rule.enabled:
+                continue
+            key = (signal.rule, signal.subject)
+            if signal.value > signal.limit:
+                seen.add(key)
+                self._breached(key, signal, rule, now)
+        for key in [k for k in self.breaches if k not in seen]:
+            self._cleared(key, now)
+
+    def _breached(self, key: tuple[str, str], signal: _Signal, rule: RuleConfig, now: float) -> None:
+        breach = self.breaches.get(key)
+        if breach is None:
+            breach = self.breaches[key] = _Breach(since=now, value=signal.value, limit=signal.limit)
+        breach.value, breach.limit, breach.clear_since = signal.value, signal.limit, None
+        if breach.firing_key is None and now - breach.since >= rule.for_seconds:
+            bucket = int(breach.since // EPISODE_BUCKET)
+            breach.firing_key = f"{signal.rule}:{signal.subject}:{bucket}"
+            self.dispatcher.submit(
+                Alert(
+                    key=breach.firing_key, group=breach.firing_key, kind="threshold", status="firing",
+                    severity=rule.severity,
+                    title=f"{_TITLES[signal.rule]}: {signal.subject}",
+                    text=f"{signal.describe}; threshold {_fmt(signal.limit, signal.unit)} "
+                    f"(breached for {now - breach.since:.0f} s)",
+                    fields={"Rule": signal.rule, "Subject": signal.subject,
+                            "Value": _fmt(signal.value, signal.unit), "Threshold": _fmt(signal.limit, signal.unit)},
+                    created_at=now,
+                )
+            )
+
+    def _cleared(self, key: tuple[str, str], now: float) -> None:
+        breach = self.breaches[key]
+        if breach.firing_key is None:
+            del self.breaches[key]
+            return
+        if breach.clear_since is None:
+            breach.clear_since = now
+        rule: RuleConfig = getattr(self.rules, key[0])
+        if now - breach.clear_since >= rule.resolve_after_seconds:
+            del self.breaches[key]
+            rule_name, subject = key
+            self.dispatcher.submit(
+                Alert(
+                    key=f"{breach.firing_key}:resolved", group=breach.firing_key, kind="threshold",
+                    status="resolved", severity=rule.severity,
+                    title=f"Resolved: {_TITLES[rule_name].lower()}: {subject}",
+                    text=f"{subject} is back under {_fmt(breach.limit, _UNITS[rule_name])} "
+                    f"for {now - breach.clear_since:.0f} s",
+                    fields={"Rule": rule_name, "Subject": subject, "Threshold": _fmt(breach.limit, _UNITS[rule_name])},
+                    created_at=now,
+                )
+            )
+
+    def _signals(self, now: float) -> Iterator[_Signal]:
+        cfg = self.config
+        t = cfg.thresholds
+        for task_class, limit in (("normal", t.latency_seconds.normal), ("heavy", t.latency_seconds.heavy)):
+            p95 = self.state.latency_windows[task_class].quantile(0.95, now)
+            if p95 is not None:
+                yield _Signal("latency", task_class, p95, limit,
+                              f"p95 queue wait of {task_class} tasks is {p95:.1f} s", "s")
+        for queue, reading in list(self.readings.queues.items()):
+            limits = cfg.queue_thresholds(queue)
+            text = f"queue {queue} holds {reading.length} messages"
+            yield _Signal("queue_length_normal", queue, reading.length, limits.normal, text, "")
+            yield _Signal("queue_length_peak", queue, reading.length, limits.peak, text, "")
+        for worker in self.state.workers.values():
+            if not worker.alive:
+                continue
+            if worker.cpu_percent is not None:
+                yield _Signal("worker_cpu", worker.hostname, worker.cpu_percent, t.worker_cpu_percent,
+                              f"{worker.hostname} uses {worker.cpu_percent:.0f}% CPU", "%")
+            if worker.memory_percent is not None:
+                yield _Signal("worker_memory", worker.hostname, worker.memory_percent, t.worker_memory_percent,
+                              f"{worker.hostname} uses {worker.memory_percent:.0f}% memory", "%")
+        limit = t.retry_rate_percent / 100.0
+        for name, window in self.state.retry_windows.items():
+            hits, total = window.counts(now)
+            if total >= MIN_RETRY_SAMPLES:
+                ratio = hits / total
+                yield _Signal("retry_rate", name, ratio, limit,
+                              f"{name} retried {hits} of {total} times ({ratio:.0%})", "ratio")
+
+
+_TITLES = {
+    "latency": "Task latency above threshold",
+    "queue_length_normal": "Queue length above normal threshold",
+    "queue_length_peak": "Queue length above peak threshold",
+    "worker_cpu": "Worker CPU above threshold",
+    "worker_memory": "Worker memory above threshold",
+    "retry_rate": "Retry rate above threshold",
+}
+_UNITS = {"latency": "s", "queue_length_normal": "", "queue_length_peak": "", "worker_cpu": "%",
+          "worker_memory": "%", "retry_rate": "ratio"}
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "ratio":
+        return f"{value:.1%}"
+    if unit == "%":
+        return f"{value:.0f}%"
+    if unit == "s":
+        return f"{value:.1f} s"
+    return f"{value:g}"
+

@@ -1,0 +1,34 @@
+"""What the alert engine hands to the notifiers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Severity = Literal["info", "warning", "critical"]
+Status = Literal["firing", "resolved", "info"]
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One notification to deliver.
+
+    ``key`` identifies this notification: it is derived from event data (task id, the
+    worker's last heartbeat, the breach's start), never from local time, so two sidecars
+    reading the same stream produce the same key and the delivery layer posts it once.
+    ``group`` identifies the alert it belongs to, so a "resolved" can edit or thread onto
+    the "firing" message that has the same group.
+    """
+
+    key: str
+    group: str
+    kind: str  # task_failed | failure_summary | worker_offline | worker_online | worker_shutdown | threshold
+    status: Status
+    severity: Severity
+    title: str
+    text: str
+    fields: dict[str, str] = field(default_factory=dict)
+    task_name: str | None = None
+    traceback: str | None = None
+    link: str | None = None
+    created_at: float = 0.0

@@ -1,0 +1,1 @@
+"""Prometheus collectors, the HTTP endpoints and the queue probes."""

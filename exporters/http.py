@@ -1,0 +1,71 @@
+"""The sidecar's HTTP endpoints: /metrics (Prometheus) and /health (JSON).
+
+/health answers 200 only while the sidecar can do its job: connected to the broker.
+A refused config edit is reported there but keeps 200, because the previous config
+stays live.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger(__name__)
+
+
+def _handler(registry: CollectorRegistry, health: Callable[[], tuple[bool, dict[str, Any]]]):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "celery-sidecar"
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, encoder(registry), content_type)
+            elif path == "/health":
+                ok, body = health()
+                self._send(200 if ok else 503, json.dumps(body, indent=2).encode(), "application/json")
+            elif path == "/":
+                self._send(200, b"celery-sidecar: see /metrics and /health\n", "text/plain")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("http: " + format, *args)
+
+    return Handler
+
+
+class HttpServer:
+    def __init__(self, bind: str, port: int, registry: CollectorRegistry, health) -> None:
+        try:
+            self._server = ThreadingHTTPServer((bind, port), _handler(registry, health))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

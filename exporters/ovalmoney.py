@@ -1,0 +1,72 @@
+"""Opt-in metric family of ovalmoney/celery-exporter (``--compat ovalmoney``).
+
+Dashboards built for that exporter (grafana.com 11497 among them) query
+``celery_tasks_total{name,state,queue,namespace}``, ``celery_tasks_runtime_seconds``,
+``celery_tasks_latency_seconds`` and ``celery_workers``. These are derived from the
+same counters at scrape time, summed over hostnames, so they cost nothing on the event path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from exporters.event_metrics import EventMetrics, Histogram
+from monitor.pipeline import Pipeline
+
+# Celery's task states, as that exporter labels them.
+STATE_OF_KIND = {
+    "sent": "PENDING",
+    "received": "RECEIVED",
+    "started": "STARTED",
+    "succeeded": "SUCCESS",
+    "failed": "FAILURE",
+    "retried": "RETRY",
+    "rejected": "REJECTED",
+    "revoked": "REVOKED",
+}
+
+
+class OvalMoneyCollector:
+    def __init__(self, metrics: EventMetrics, pipeline: Pipeline, namespace: str) -> None:
+        self._metrics = metrics
+        self._pipeline = pipeline
+        self._namespace = namespace
+
+    def collect(self) -> Iterator[Metric]:
+        ns = self._namespace
+        total = CounterMetricFamily(
+            "celery_tasks", "Tasks by state (ovalmoney-compatible).", labels=["name", "state", "queue", "namespace"]
+        )
+        for kind, series in self._metrics.counts.items():
+            summed: dict[tuple[str, str], float] = {}
+            for labels, value in list(series.items()):
+                key = (labels[0], labels[2])
+                summed[key] = summed.get(key, 0) + value
+            for (name, queue), value in sorted(summed.items()):
+                total.add_metric([name, STATE_OF_KIND[kind], queue, ns], value)
+        yield total
+        yield self._histogram("celery_tasks_runtime_seconds", "Task runtime (ovalmoney-compatible).",
+                              self._metrics.runtime)
+        yield self._histogram("celery_tasks_latency_seconds", "Task queue wait (ovalmoney-compatible).",
+                              self._metrics.queue_wait)
+        with self._pipeline.lock:
+            alive = sum(1 for w in self._pipeline.state.workers.values() if w.alive)
+        workers = GaugeMetricFamily("celery_workers", "Live workers (ovalmoney-compatible).", labels=["namespace"])
+        workers.add_metric([ns], alive)
+        yield workers
+
+    def _histogram(self, metric: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+        merged = Histogram(hist.bounds)
+        for labels, row in list(hist.series.items()):
+            key = (labels[0], labels[2])
+            target = merged.series.setdefault(key, [0.0] * len(row))
+            for i, value in enumerate(list(row)):
+                target[i] += value
+        fam = merged.family(metric, doc, ["name", "queue"])
+        # The namespace label is constant; add it without a second pass over the buckets.
+        for sample_list in (fam.samples,):
+            for i, sample in enumerate(sample_list):
+                sample_list[i] = sample._replace(labels={**sample.labels, "namespace": self._namespace})
+        return fam

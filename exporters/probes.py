@@ -1,0 +1,208 @@
+"""Broker probes: queue lengths and worker inspection, on a background thread.
+
+Nothing here runs on the event path or inside a scrape: a poller thread refreshes the
+readings every ``interval`` seconds and the collectors export the last ones. Every
+network call has a timeout; a failed probe is counted and logged, and the previous
+reading is kept (marked by ``celery_queue_probe_age_seconds``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import redis
+from celery import Celery
+from kombu import Connection
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PRIORITY_STEPS = [0, 3, 6, 9]
+DEFAULT_SEP = "\x06\x16"
+
+
+@dataclass(frozen=True)
+class QueueReading:
+    length: int
+    consumers: int | None  # AMQP knows its consumers; Redis does not
+
+
+@dataclass
+class ProbeReadings:
+    queues: dict[str, QueueReading] = field(default_factory=dict)
+    at: float | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def failed(self, probe: str) -> None:
+        self.errors[probe] = self.errors.get(probe, 0) + 1
+
+
+def redis_queue_keys(queue: str, transport_options: dict[str, Any]) -> list[str]:
+    """Every key that holds messages of ``queue``: the queue and its priority sub-queues.
+
+    Mirrors kombu's Redis transport (``_q_for_pri``): priority 0 is the plain name, every
+    other step is ``{queue}{sep}{step}``, and ``global_keyprefix`` prefixes all keys.
+    """
+    steps = sorted(transport_options.get("priority_steps") or DEFAULT_PRIORITY_STEPS)
+    sep = transport_options.get("sep", DEFAULT_SEP)
+    prefix = transport_options.get("global_keyprefix", "") or ""
+    keys = []
+    for step in steps:
+        pri = steps[bisect.bisect(steps, step) - 1]
+        keys.append(f"{prefix}{queue}" if not pri else f"{prefix}{queue}{sep}{pri}")
+    return list(dict.fromkeys(keys))
+
+
+class RedisQueueProbe:
+    def __init__(self, broker_url: str, transport_options: dict[str, Any], timeout: float) -> None:
+        self._options = transport_options
+        self._client = redis.Redis.from_url(
+            broker_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+        )
+
+    def read(self, queues: list[str]) -> dict[str, QueueReading]:
+        pipe = self._client.pipeline(transaction=False)
+        plan = [(q, redis_queue_keys(q, self._options)) for q in queues]
+        for _, keys in plan:
+            for key in keys:
+                pipe.llen(key)
+        lengths = iter(pipe.execute())
+        return {q: QueueReading(sum(next(lengths) for _ in keys), None) for q, keys in plan}
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AmqpQueueProbe:
+    """Passive declare: message and consumer counts; a queue that does not exist reads 0."""
+
+    def __init__(self, broker_url: str, transport_options: dict[str, Any], timeout: float) -> None:
+        self._conn = Connection(
+            broker_url, connect_timeout=timeout, transport_options=transport_options, heartbeat=0
+        )
+        self._timeout = timeout
+
+    def read(self, queues: list[str]) -> dict[str, QueueReading]:
+        conn = self._conn
+        conn.ensure_connection(max_retries=1, timeout=self._timeout)
+        sock = getattr(getattr(conn.connection, "transport", None), "sock", None)
+        if sock is not None:
+            sock.settimeout(self._timeout)
+        readings = {}
+        channel = conn.channel()
+        try:
+            for queue in queues:
+                try:
+                    _, length, consumers = channel.queue_declare(queue=queue, passive=True)
+                    readings[queue] = QueueReading(int(length), int(consumers))
+                except conn.channel_errors:
+                    # 404: the broker closed this channel; the queue simply has no messages yet.
+                    readings[queue] = QueueReading(0, 0)
+                    channel = conn.channel()
+        finally:
+            with contextlib.suppress(Exception):  # closing a broken channel is best effort
+                channel.close()
+        return readings
+
+    def close(self) -> None:
+        self._conn.release()
+
+
+def make_queue_probe(broker_url: str, transport_options: dict[str, Any], timeout: float):
+    scheme = urlparse(broker_url).scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisQueueProbe(broker_url, transport_options, timeout)
+    if scheme.startswith("amqp") or scheme in ("pyamqp", "librabbitmq"):
+        return AmqpQueueProbe(broker_url, transport_options, timeout)
+    return None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    queues: tuple[str, ...]
+    pool_max: int | None
+
+
+def inspect_workers(app: Celery, timeout: float) -> dict[str, WorkerInfo]:
+    """Ask live workers for their queues and pool size (remote control, like Flower)."""
+    inspector = app.control.inspect(timeout=timeout)
+    active_queues = inspector.active_queues() or {}
+    stats = inspector.stats() or {}
+    info = {}
+    for hostname in set(active_queues) | set(stats):
+        queues = tuple(q.get("name", "") for q in active_queues.get(hostname) or [] if isinstance(q, dict))
+        pool = (stats.get(hostname) or {}).get("pool") or {}
+        max_conc = pool.get("max-concurrency")
+        info[hostname] = WorkerInfo(queues, int(max_conc) if isinstance(max_conc, int) else None)
+    return info
+
+
+class Poller:
+    """Runs the probes every ``interval`` seconds on its own thread."""
+
+    def __init__(
+        self,
+        *,
+        queue_probe,
+        app: Celery | None,
+        queues: Callable[[], list[str]],
+        on_workers: Callable[[dict[str, WorkerInfo]], None],
+        interval: float,
+        inspect_interval: float,
+        timeout: float,
+    ) -> None:
+        self.readings = ProbeReadings()
+        self._probe = queue_probe
+        self._app = app
+        self._queues = queues
+        self._on_workers = on_workers
+        self._interval = interval
+        self._inspect_interval = inspect_interval
+        self._timeout = timeout
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="probe-poller", daemon=True)
+        self._last_inspect = 0.0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self._timeout + 2)
+        if self._probe is not None:
+            self._probe.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.poll_once()
+            self._stop.wait(self._interval)
+
+    def poll_once(self) -> None:
+        if self._probe is not None:
+            try:
+                readings = self._probe.read(self._queues())
+                # Replace whole dict: scrapes read a consistent snapshot without locking.
+                self.readings.queues = {**self.readings.queues, **readings}
+                self.readings.at = time.time()
+            except Exception as exc:
+                self.readings.failed("queue_length")
+                log.warning("queue length probe failed: %s", _short(exc))
+        now = time.monotonic()
+        if self._app is not None and now - self._last_inspect >= self._inspect_interval:
+            self._last_inspect = now
+            try:
+                self._on_workers(inspect_workers(self._app, self._timeout))
+            except Exception as exc:
+                self.readings.failed("inspect")
+                log.warning("worker inspection failed: %s", _short(exc))
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"

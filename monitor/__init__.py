@@ -1,0 +1,1 @@
+"""Event intake, bounded state, configuration, CLI and the optional worker plugin."""

@@ -1,0 +1,167 @@
+"""The one configuration object: loaded from YAML, validated here, passed down.
+
+Thresholds are the documented defaults; an operator edits the YAML file and the
+sidecar reloads it live (see monitor/reload.py). Unknown keys are errors, so a typo
+is refused instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alerts.config import AlertsConfig
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatencyThresholds(_Strict):
+    normal: float = Field(5.0, gt=0, description="seconds of queue wait for normal tasks")
+    heavy: float = Field(30.0, gt=0, description="seconds of queue wait for heavy tasks")
+
+
+class QueueThresholds(_Strict):
+    normal: int = Field(100, ge=0, description="warning above this many messages")
+    peak: int = Field(1000, ge=0, description="critical above this many messages")
+
+    @model_validator(mode="after")
+    def _peak_above_normal(self) -> QueueThresholds:
+        if self.peak < self.normal:
+            raise ValueError(f"peak ({self.peak}) must be >= normal ({self.normal})")
+        return self
+
+
+class Thresholds(_Strict):
+    latency_seconds: LatencyThresholds = LatencyThresholds()
+    queue_length: QueueThresholds = QueueThresholds()
+    worker_cpu_percent: float = Field(80.0, gt=0, le=100 * 1024)
+    worker_memory_percent: float = Field(70.0, gt=0, le=100)
+    retry_rate_percent: float = Field(5.0, gt=0, le=100)
+
+
+class Cardinality(_Strict):
+    max_task_names: int = Field(500, ge=1, description="distinct task names before overflow to 'other'")
+    max_exceptions: int = Field(100, ge=1, description="distinct exception classes before 'other'")
+    generic_hostname: bool = Field(False, description="export hostname='generic' (k8s pods churn)")
+
+
+class StateLimits(_Strict):
+    max_tasks: int = Field(100_000, ge=100, description="in-flight tasks kept (LRU)")
+    max_workers: int = Field(1_000, ge=1, description="workers tracked at once")
+    heartbeat_grace_seconds: float = Field(2.0, ge=0)
+    worker_forget_seconds: float = Field(900.0, gt=0, description="drop a dead worker's series after this")
+    retry_window_seconds: float = Field(300.0, gt=0, description="window of the retry ratio")
+    latency_window_seconds: float = Field(300.0, gt=0, description="window of the latency p95")
+    task_events_grace_seconds: float = Field(
+        60.0, gt=0, description="heartbeats without task events for this long means events are off"
+    )
+
+
+class Config(_Strict):
+    thresholds: Thresholds = Thresholds()
+    heavy_tasks: list[str] = Field(default_factory=list, description="glob patterns on task names")
+    heavy_queues: list[str] = Field(default_factory=list, description="glob patterns on queue names")
+    queues: list[str] = Field(default_factory=lambda: ["celery"])
+    queue_overrides: dict[str, QueueThresholds] = Field(default_factory=dict)
+    cardinality: Cardinality = Cardinality()
+    state: StateLimits = StateLimits()
+    alerts: AlertsConfig = AlertsConfig()
+
+    def is_heavy(self, task_name: str | None, queue: str | None) -> bool:
+        return self._heavy_cache_lookup(task_name or "", queue or "")
+
+    def queue_thresholds(self, queue: str) -> QueueThresholds:
+        return self.queue_overrides.get(queue, self.thresholds.queue_length)
+
+    @cached_property
+    def _heavy_cache(self) -> dict[tuple[str, str], bool]:
+        return {}
+
+    def _heavy_cache_lookup(self, name: str, queue: str) -> bool:
+        # Called for every started task: globbing is cached; bounded by the name/queue caps.
+        key = (name, queue)
+        cache = self._heavy_cache
+        hit = cache.get(key)
+        if hit is None:
+            hit = any(fnmatch.fnmatchcase(name, p) for p in self.heavy_tasks) or any(
+                fnmatch.fnmatchcase(queue, p) for p in self.heavy_queues
+            )
+            if len(cache) < 100_000:
+                cache[key] = hit
+        return hit
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Load and validate a config file; no path means the documented defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, str(path))
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `celery-sidecar config check --help`)"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def effective_thresholds(
+    cfg: Config, queues: Iterable[str] = ()
+) -> list[tuple[str, str, dict[str, str], float]]:
+    """(signal, level, extra labels, value) for every threshold; what `celery_threshold` exports.
+
+    Queue thresholds are listed per queue (configured, overridden and discovered ones),
+    so a rule can compare ``celery_queue_length`` with them ``on(queue_name)``."""
+    t = cfg.thresholds
+    rows: list[tuple[str, str, dict[str, str], float]] = [
+        ("latency_seconds", "normal", {}, t.latency_seconds.normal),
+        ("latency_seconds", "heavy", {}, t.latency_seconds.heavy),
+        ("worker_cpu_percent", "limit", {}, t.worker_cpu_percent),
+        ("worker_memory_percent", "limit", {}, t.worker_memory_percent),
+        ("retry_ratio", "limit", {}, t.retry_rate_percent / 100.0),
+    ]
+    for queue in sorted(set(cfg.queues) | set(cfg.queue_overrides) | set(queues)):
+        q = cfg.queue_thresholds(queue)
+        rows.append(("queue_length", "normal", {"queue_name": queue}, float(q.normal)))
+        rows.append(("queue_length", "peak", {"queue_name": queue}, float(q.peak)))
+    return rows

@@ -1,0 +1,56 @@
+"""The demo's Celery app: tasks that succeed, fail, retry and run slowly.
+
+Run a worker with ``celery -A monitor.demo_tasks worker -E``; the broker comes from
+``CELERY_BROKER_URL`` (this module is the demo's *app*, not part of the sidecar).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from celery import Celery
+
+app = Celery("demo", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
+app.conf.update(
+    task_send_sent_event=True,
+    worker_send_task_events=True,
+    task_default_queue="celery",
+    task_routes={"demo.report": {"queue": "heavy"}},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+class DemoError(Exception):
+    """Raised by demo.fail so the sidecar has failures to report."""
+
+
+@app.task(name="demo.ok")
+def ok(x: int = 1, y: int = 2) -> int:
+    return x + y
+
+
+@app.task(name="demo.fail")
+def fail(reason: str = "demo failure") -> None:
+    raise DemoError(reason)
+
+
+@app.task(name="demo.flaky", bind=True, max_retries=3, default_retry_delay=0.2)
+def flaky(self, p_fail: float = 0.5) -> str:
+    if random.random() < p_fail:
+        raise self.retry(exc=DemoError("transient"))
+    return "ok"
+
+
+@app.task(name="demo.slow")
+def slow(seconds: float = 1.0) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(name="demo.report")
+def report(seconds: float = 2.0) -> str:
+    time.sleep(seconds)
+    return "report done"

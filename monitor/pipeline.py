@@ -1,0 +1,110 @@
+"""The single entry point for decoded events: count, fold into state, fan out updates.
+
+Every intake (the stock EventReceiver path and the Redis fast path) hands each event
+dict to ``Pipeline.handle``. Malformed or unknown events are counted by reason and
+skipped; nothing here raises into the intake. One lock serialises the event thread,
+the once-a-second tick and scrape-time reads of the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from monitor.state import State, TaskUpdate, WorkerUpdate
+
+log = logging.getLogger(__name__)
+
+Update = TaskUpdate | WorkerUpdate
+
+
+class Sink:
+    """Receives every update; ``on_tick`` runs about once a second under the same lock."""
+
+    def on_update(self, update: Update) -> None: ...
+
+    def on_tick(self, now: float, offline: list[WorkerUpdate], forgotten: list[str]) -> None: ...
+
+
+class Pipeline:
+    def __init__(self, state: State, sinks: list[Sink] | None = None, clock: Callable[[], float] = time.time):
+        self.state = state
+        self.sinks: list[Sink] = list(sinks or [])
+        self.lock = threading.RLock()
+        self.clock = clock
+        self.connected = False
+        self._sink_errors_logged = 0
+
+    def handle(self, event: Any) -> None:
+        counters = self.state.counters
+        try:
+            etype = event["type"]
+        except (TypeError, KeyError, IndexError):
+            self.skip("not_an_event" if not isinstance(event, dict) else "missing_type")
+            return
+        if not isinstance(etype, str):
+            self.skip("missing_type")
+            return
+        with self.lock:
+            try:
+                update = self.state.apply(event)
+            except LookupError as exc:
+                # KeyError is a LookupError too: a missing field, not an unknown type.
+                self.skip("missing_field" if isinstance(exc, KeyError) else "unknown_type")
+                return
+            except (TypeError, ValueError, AttributeError):
+                self.skip("malformed")
+                return
+            by_type = counters.events_by_type
+            by_type[etype] = by_type.get(etype, 0) + 1
+            received = event.get("local_received")
+            if received is not None:
+                counters.last_event_at = received
+                ts = event.get("timestamp")
+                if type(ts) is float or type(ts) is int:
+                    counters.last_event_lag = max(0.0, received - ts)
+            if update is not None:
+                for sink in self.sinks:
+                    try:
+                        sink.on_update(update)
+                    except Exception:
+                        self._log_sink_error(sink)
+
+    def skip(self, reason: str) -> None:
+        skipped = self.state.counters.skipped_by_reason
+        skipped[reason] = skipped.get(reason, 0) + 1
+        if skipped[reason] in (1, 10, 100, 1000) or skipped[reason] % 10000 == 0:
+            log.warning("skipped a malformed event (reason=%s, %d so far)", reason, skipped[reason])
+
+    def tick(self, now: float | None = None) -> None:
+        """Liveness and windows; the broker being down freezes liveness, see set_connected."""
+        now = self.clock() if now is None else now
+        with self.lock:
+            if self.connected:
+                offline, forgotten = self.state.tick(now)
+            else:
+                offline, forgotten = [], []
+            for sink in self.sinks:
+                try:
+                    sink.on_tick(now, offline, forgotten)
+                except Exception:
+                    self._log_sink_error(sink)
+
+    def set_connected(self, connected: bool) -> None:
+        """While the broker is unreachable no heartbeat can arrive, so a worker is not
+        declared dead for it: on reconnect every live worker gets a fresh grace period."""
+        with self.lock:
+            if connected and not self.connected:
+                now = self.clock()
+                for worker in self.state.workers.values():
+                    if worker.alive:
+                        worker.last_seen = max(worker.last_seen, now)
+            self.connected = connected
+
+    def _log_sink_error(self, sink: Sink) -> None:
+        self._sink_errors_logged += 1
+        if self._sink_errors_logged <= 20:
+            log.exception("%s failed on an update; continuing", type(sink).__name__)

@@ -1,0 +1,428 @@
+"""Bounded fold of the Celery event stream.
+
+``State.apply(event)`` dispatches on the event type through a table and returns a small
+update record (or None) that the exporter and the alert engine consume. Every structure
+here has a stated bound:
+
+- in-flight tasks: LRU of ``state.max_tasks`` records (finished tasks are removed);
+- workers: at most ``state.max_workers``, forgotten ``worker_forget_seconds`` after they go;
+- retry/latency windows: fixed-size rings per task name (names capped by the exporter's cap)
+  and per task class.
+
+Worker liveness uses the *local* receive time of heartbeats, so clock skew between
+workers and the sidecar cannot make a live worker look dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from monitor.config import Config
+from monitor.windows import RatioWindow, SampleWindow
+
+log = logging.getLogger(__name__)
+
+TASK_KINDS = ("sent", "received", "started", "succeeded", "failed", "retried", "rejected", "revoked")
+FINAL_KINDS = frozenset(("succeeded", "failed", "rejected", "revoked"))
+RESOURCE_EVENT = "worker-resources"  # sent by monitor.plugin.ResourceUsage
+UNKNOWN = "unknown"
+_EXC_CLASS = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*[(:]?")
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    uuid: str
+    name: str = UNKNOWN
+    queue: str | None = None
+    hostname: str | None = None
+    sent_at: float | None = None
+    eta_at: float | None = None
+    received_at: float | None = None
+    retries: int = 0
+    args: str | None = None
+    kwargs: str | None = None
+
+
+@dataclass(slots=True)
+class TaskUpdate:
+    """What one task event changed; read by the exporter and the alert engine."""
+
+    kind: str  # one of TASK_KINDS
+    uuid: str
+    name: str
+    hostname: str
+    queue: str
+    timestamp: float
+    runtime: float | None = None
+    latency: float | None = None
+    task_class: str = "normal"
+    exception: str | None = None  # class name only
+    exception_message: str | None = None
+    traceback: str | None = None
+    retries: int = 0
+    args: str | None = None
+    kwargs: str | None = None
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    hostname: str
+    first_seen: float
+    last_seen: float  # local receive time of the last worker event
+    freq: float = 2.0
+    alive: bool = True
+    offline_reason: str | None = None  # "shutdown" | "heartbeat-lost"
+    went_offline_at: float | None = None
+    last_heartbeat_ts: float = 0.0  # the worker's own (adjusted) timestamp: stable across sidecars
+    active: int = 0
+    processed: int = 0
+    processed_at_first_heartbeat: int | None = None
+    task_events_seen: bool = False
+    events_warning_logged: bool = False
+    pool_max: int | None = None
+    cpu_percent: float | None = None
+    memory_percent: float | None = None
+    rss_bytes: float | None = None
+    queues: tuple[str, ...] = ()
+    sw: str = ""
+
+
+@dataclass(slots=True)
+class WorkerUpdate:
+    """A worker liveness transition: online, offline (shutdown or heartbeat-lost)."""
+
+    kind: str  # "online" | "offline"
+    hostname: str
+    reason: str | None
+    timestamp: float
+    last_heartbeat_ts: float
+
+
+@dataclass
+class Counters:
+    """Intake self-metrics, plain ints so the hot path stays cheap."""
+
+    events_by_type: dict[str, int] = field(default_factory=dict)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    sent_events_seen_at: float | None = None
+    last_event_at: float | None = None
+    last_event_lag: float = 0.0
+
+
+class State:
+    def __init__(self, config: Config, clock=time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.tasks: OrderedDict[str, TaskRecord] = OrderedDict()
+        self.workers: dict[str, WorkerRecord] = {}
+        self.counters = Counters()
+        limits = config.state
+        self.retry_windows: dict[str, RatioWindow] = {}
+        self.latency_windows: dict[str, SampleWindow] = {
+            c: SampleWindow(limits.latency_window_seconds) for c in ("normal", "heavy")
+        }
+        self.discovered_queues: dict[str, float] = {}  # queue -> last seen (bounded below)
+        self._table = {
+            "task-sent": self._task_sent,
+            "task-received": self._task_received,
+            "task-started": self._task_started,
+            "task-succeeded": self._task_succeeded,
+            "task-failed": self._task_failed,
+            "task-retried": self._task_retried,
+            "task-rejected": self._task_final,
+            "task-revoked": self._task_final,
+            "worker-online": self._worker_online,
+            "worker-heartbeat": self._worker_heartbeat,
+            "worker-offline": self._worker_offline,
+            RESOURCE_EVENT: self._worker_resources,
+        }
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def apply(self, event: dict[str, Any]) -> TaskUpdate | WorkerUpdate | None:
+        """Fold one event. Raises KeyError/TypeError/ValueError on malformed input;
+        the pipeline counts and skips those."""
+        handler = self._table.get(event["type"])
+        if handler is None:
+            raise LookupError("unknown_type")
+        return handler(event)
+
+    def handles(self, event_type: str) -> bool:
+        return event_type in self._table
+
+    # -- tasks ----------------------------------------------------------------------
+
+    def _record(self, uuid: str) -> TaskRecord:
+        tasks = self.tasks
+        rec = tasks.get(uuid)
+        if rec is None:
+            if not isinstance(uuid, str):
+                raise TypeError("uuid")
+            rec = tasks[uuid] = TaskRecord(uuid)
+            if len(tasks) > self.config.state.max_tasks:
+                tasks.popitem(last=False)
+        else:
+            tasks.move_to_end(uuid)
+        return rec
+
+    def _update(self, kind: str, rec: TaskRecord, event: dict[str, Any], hostname: str | None = None) -> TaskUpdate:
+        host = hostname or rec.hostname or event.get("hostname") or UNKNOWN
+        return TaskUpdate(
+            kind=kind,
+            uuid=rec.uuid,
+            name=rec.name,
+            hostname=host,
+            queue=rec.queue or UNKNOWN,
+            timestamp=float(event["timestamp"]),
+            retries=rec.retries,
+        )
+
+    def _task_sent(self, event: dict[str, Any]) -> TaskUpdate:
+        rec = self._record(event["uuid"])
+        rec.name = event.get("name") or rec.name
+        queue = event.get("queue") or event.get("routing_key")
+        if queue:
+            rec.queue = queue
+            self._saw_queue(queue)
+        rec.sent_at = float(event["timestamp"])
+        rec.eta_at = _parse_eta(event.get("eta"))
+        rec.retries = int(event.get("retries") or 0)
+        rec.args, rec.kwargs = event.get("args"), event.get("kwargs")
+        self.counters.sent_events_seen_at = event["local_received"]
+        # The producer's hostname, as danihodovic/celery-exporter labels task-sent.
+        return self._update("sent", rec, event, event.get("hostname"))
+
+    def _task_received(self, event: dict[str, Any]) -> TaskUpdate:
+        rec = self._record(event["uuid"])
+        rec.name = event.get("name") or rec.name
+        rec.hostname = event["hostname"]
+        rec.received_at = float(event["timestamp"])
+        if "retries" in event:
+            rec.retries = int(event.get("retries") or 0)
+        if rec.args is None:
+            rec.args, rec.kwargs = event.get("args"), event.get("kwargs")
+        self._saw_task_event(rec.hostname)
+        return self._update("received", rec, event)
+
+    def _task_started(self, event: dict[str, Any]) -> TaskUpdate:
+        rec = self._record(event["uuid"])
+        rec.hostname = event.get("hostname") or rec.hostname
+        self._saw_task_event(rec.hostname)
+        started = float(event["timestamp"])
+        update = self._update("started", rec, event)
+        if rec.sent_at is not None:
+            base = rec.sent_at if rec.eta_at is None else max(rec.sent_at, rec.eta_at)
+        elif rec.received_at is not None:
+            base = rec.received_at if rec.eta_at is None else max(rec.received_at, rec.eta_at)
+        else:
+            base = None
+        if base is not None:
+            latency = max(0.0, started - base)
+            update.latency = latency
+            update.task_class = "heavy" if self.config.is_heavy(rec.name, rec.queue) else "normal"
+            self.latency_windows[update.task_class].add(started, latency)
+        return update
+
+    def _task_succeeded(self, event: dict[str, Any]) -> TaskUpdate:
+        rec = self._finish(event)
+        update = self._update("succeeded", rec, event)
+        runtime = event.get("runtime")
+        update.runtime = float(runtime) if runtime is not None else None
+        self._retry_window(rec.name).add(update.timestamp, hit=False)
+        return update
+
+    def _task_failed(self, event: dict[str, Any]) -> TaskUpdate:
+        rec = self._finish(event)
+        update = self._update("failed", rec, event)
+        update.exception, update.exception_message = split_exception(event.get("exception"))
+        update.traceback = event.get("traceback")
+        update.args, update.kwargs = rec.args, rec.kwargs
+        self._retry_window(rec.name).add(update.timestamp, hit=False)
+        return update
+
+    def _task_retried(self, event: dict[str, Any]) -> TaskUpdate:
+        rec = self._record(event["uuid"])
+        rec.hostname = event.get("hostname") or rec.hostname
+        self._saw_task_event(rec.hostname)
+        update = self._update("retried", rec, event)
+        update.exception, update.exception_message = split_exception(event.get("exception"))
+        rec.retries += 1
+        self._retry_window(rec.name).add(update.timestamp, hit=True)
+        return update
+
+    def _task_final(self, event: dict[str, Any]) -> TaskUpdate:
+        rec = self._finish(event)
+        return self._update("rejected" if event["type"] == "task-rejected" else "revoked", rec, event)
+
+    def _finish(self, event: dict[str, Any]) -> TaskRecord:
+        uuid = event["uuid"]
+        rec = self.tasks.pop(uuid, None)
+        if rec is None:
+            if not isinstance(uuid, str):
+                raise TypeError("uuid")
+            rec = TaskRecord(uuid)
+        rec.hostname = event.get("hostname") or rec.hostname
+        self._saw_task_event(rec.hostname)
+        return rec
+
+    def _retry_window(self, name: str) -> RatioWindow:
+        window = self.retry_windows.get(name)
+        if window is None:
+            if len(self.retry_windows) >= self.config.cardinality.max_task_names:
+                name = "other"
+                window = self.retry_windows.get(name)
+            if window is None:
+                window = self.retry_windows[name] = RatioWindow(self.config.state.retry_window_seconds)
+        return window
+
+    def _saw_queue(self, queue: str) -> None:
+        known = self.discovered_queues
+        if queue not in known and len(known) >= 1000:
+            return
+        known[queue] = self.clock()
+
+    def _saw_task_event(self, hostname: str | None) -> None:
+        worker = self.workers.get(hostname) if hostname else None
+        if worker is not None and not worker.task_events_seen:
+            worker.task_events_seen = True
+
+    # -- workers --------------------------------------------------------------------
+
+    def _worker(self, event: dict[str, Any]) -> tuple[WorkerRecord, WorkerUpdate | None]:
+        hostname = event["hostname"]
+        if not isinstance(hostname, str):
+            raise TypeError("hostname")
+        now = event["local_received"]
+        worker = self.workers.get(hostname)
+        came_back = None
+        if worker is None:
+            if len(self.workers) >= self.config.state.max_workers:
+                self._evict_oldest_dead_worker()
+            worker = self.workers[hostname] = WorkerRecord(hostname, first_seen=now, last_seen=now)
+            came_back = WorkerUpdate("online", hostname, "new", now, float(event.get("timestamp", now)))
+        elif not worker.alive:
+            came_back = WorkerUpdate("online", hostname, worker.offline_reason, now, float(event["timestamp"]))
+            worker.alive, worker.offline_reason, worker.went_offline_at = True, None, None
+        worker.last_seen = now
+        worker.last_heartbeat_ts = float(event.get("timestamp", now))
+        worker.freq = float(event.get("freq") or worker.freq)
+        return worker, came_back
+
+    def _worker_online(self, event: dict[str, Any]) -> WorkerUpdate | None:
+        worker, update = self._worker(event)
+        worker.sw = f"{event.get('sw_ident', '')} {event.get('sw_ver', '')}".strip()
+        return update
+
+    def _worker_heartbeat(self, event: dict[str, Any]) -> WorkerUpdate | None:
+        worker, update = self._worker(event)
+        worker.active = int(event.get("active") or 0)
+        worker.processed = int(event.get("processed") or 0)
+        if worker.processed_at_first_heartbeat is None:
+            worker.processed_at_first_heartbeat = worker.processed
+        return update
+
+    def _worker_offline(self, event: dict[str, Any]) -> WorkerUpdate | None:
+        worker, _ = self._worker(event)
+        return self._mark_offline(worker, "shutdown", event["local_received"])
+
+    def _worker_resources(self, event: dict[str, Any]) -> WorkerUpdate | None:
+        worker, update = self._worker(event)
+        worker.cpu_percent = _opt_float(event.get("cpu_percent"))
+        worker.memory_percent = _opt_float(event.get("memory_percent"))
+        worker.rss_bytes = _opt_float(event.get("rss_bytes"))
+        if event.get("pool_max") is not None:
+            worker.pool_max = int(event["pool_max"])
+        return update
+
+    def _mark_offline(self, worker: WorkerRecord, reason: str, now: float) -> WorkerUpdate | None:
+        if not worker.alive:
+            return None
+        worker.alive, worker.offline_reason, worker.went_offline_at = False, reason, now
+        worker.active = 0
+        return WorkerUpdate("offline", worker.hostname, reason, now, worker.last_heartbeat_ts)
+
+    def _evict_oldest_dead_worker(self) -> None:
+        dead = [w for w in self.workers.values() if not w.alive]
+        victim = min(dead or self.workers.values(), key=lambda w: w.last_seen)
+        del self.workers[victim.hostname]
+
+    def tick(self, now: float | None = None) -> tuple[list[WorkerUpdate], list[str]]:
+        """Time-driven transitions: heartbeats lost, and dead workers forgotten.
+
+        Returns (offline updates, forgotten hostnames). Called about once a second.
+        """
+        now = self.clock() if now is None else now
+        limits = self.config.state
+        went_offline: list[WorkerUpdate] = []
+        forgotten: list[str] = []
+        for worker in list(self.workers.values()):
+            if worker.alive and now - worker.last_seen > 2 * worker.freq + limits.heartbeat_grace_seconds:
+                update = self._mark_offline(worker, "heartbeat-lost", now)
+                if update:
+                    went_offline.append(update)
+            elif not worker.alive and now - (worker.went_offline_at or now) > limits.worker_forget_seconds:
+                del self.workers[worker.hostname]
+                forgotten.append(worker.hostname)
+        return went_offline, forgotten
+
+    def task_events_missing(self, worker: WorkerRecord, now: float) -> bool:
+        """A live worker that processes tasks but sends no task events (no ``-E``)."""
+        if worker.task_events_seen or not worker.alive:
+            return False
+        did_work = worker.active > 0 or (
+            worker.processed_at_first_heartbeat is not None
+            and worker.processed > worker.processed_at_first_heartbeat
+        )
+        waited = now - worker.first_seen >= min(self.config.state.task_events_grace_seconds, 3 * worker.freq)
+        return did_work and waited
+
+    # -- reads for the exporter and the alert engine -----------------------------------
+
+    def latency_source(self, now: float | None = None) -> str:
+        seen = self.counters.sent_events_seen_at
+        now = self.clock() if now is None else now
+        if seen is not None and now - seen <= self.config.state.latency_window_seconds:
+            return "sent"
+        return "received"
+
+    def known_queues(self) -> list[str]:
+        queues = set(self.config.queues) | set(self.discovered_queues)
+        for worker in self.workers.values():
+            queues.update(worker.queues)
+        return sorted(queues)
+
+
+def split_exception(text: Any) -> tuple[str | None, str | None]:
+    """'ValueError("bad")' -> ('ValueError', 'ValueError("bad")'): the class is the label."""
+    if not text:
+        return None, None
+    text = str(text)
+    match = _EXC_CLASS.match(text)
+    return (match.group(1).rsplit(".", 1)[-1] if match else "Exception"), text
+
+
+def _parse_eta(value: Any) -> float | None:
+    if not value:
+        return None
+    try:
+        eta = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=UTC)
+    return eta.timestamp()
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+

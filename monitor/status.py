@@ -1,0 +1,27 @@
+"""What /health reports: the broker connection, reloads, the config's state."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Status:
+    broker: str = ""  # redacted URL
+    intake: str = "stock"  # "stock" (EventReceiver) or "redis-fast"
+    connected: bool = False
+    reconnects: int = 0
+    last_error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    config_path: str | None = None
+    config_error: str | None = None
+    reloads: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def reload_result(self, ok: bool, error: str | None = None) -> None:
+        with self._lock:
+            key = "ok" if ok else "error"
+            self.reloads[key] = self.reloads.get(key, 0) + 1
+            self.config_error = error
