@@ -163,45 +163,55 @@ class Poller:
         self._app = app
         self._queues = queues
         self._on_workers = on_workers
-        self._interval = interval
-        self._inspect_interval = inspect_interval
         self._timeout = timeout
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="probe-poller", daemon=True)
-        self._last_inspect = 0.0
+        # Separate threads: an inspect round waits its whole reply timeout and must not
+        # delay queue readings.
+        self._threads = [
+            threading.Thread(target=self._loop, args=(self.poll_queues, interval), name="queue-probe", daemon=True),
+            threading.Thread(
+                target=self._loop, args=(self.inspect, inspect_interval), name="worker-inspect", daemon=True
+            ),
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(self._timeout + 2)
+        for thread in self._threads:
+            thread.join(self._timeout + 2)
         if self._probe is not None:
             self._probe.close()
 
-    def _run(self) -> None:
+    def _loop(self, step: Callable[[], None], interval: float) -> None:
         while not self._stop.is_set():
-            self.poll_once()
-            self._stop.wait(self._interval)
+            step()
+            self._stop.wait(interval)
 
-    def poll_once(self) -> None:
-        if self._probe is not None:
-            try:
-                readings = self._probe.read(self._queues())
-                # Replace whole dict: scrapes read a consistent snapshot without locking.
-                self.readings.queues = {**self.readings.queues, **readings}
-                self.readings.at = time.time()
-            except Exception as exc:
-                self.readings.failed("queue_length")
-                log.warning("queue length probe failed: %s", _short(exc))
-        now = time.monotonic()
-        if self._app is not None and now - self._last_inspect >= self._inspect_interval:
-            self._last_inspect = now
-            try:
-                self._on_workers(inspect_workers(self._app, self._timeout))
-            except Exception as exc:
-                self.readings.failed("inspect")
-                log.warning("worker inspection failed: %s", _short(exc))
+    def poll_queues(self) -> None:
+        if self._probe is None:
+            return
+        try:
+            readings = self._probe.read(self._queues())
+            # Replace the whole dict: scrapes read a consistent snapshot without locking.
+            self.readings.queues = {**self.readings.queues, **readings}
+            self.readings.at = time.time()
+        except Exception as exc:  # noqa: BLE001 - any broker error: count, keep last value
+            self.readings.failed("queue_length")
+            log.warning("queue length probe failed: %s", _short(exc))
+
+    def inspect(self) -> None:
+        if self._app is None:
+            return
+        try:
+            self._on_workers(inspect_workers(self._app, self._timeout))
+        except Exception as exc:  # noqa: BLE001
+            if self._stop.is_set():
+                return  # shutting down: the broker may already be gone
+            self.readings.failed("inspect")
+            log.warning("worker inspection failed: %s", _short(exc))
 
 
 def _short(exc: BaseException) -> str:

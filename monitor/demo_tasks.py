@@ -12,6 +12,8 @@ import time
 
 from celery import Celery
 
+from monitor.plugin import ResourceUsage
+
 app = Celery("demo", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
 app.conf.update(
     task_send_sent_event=True,
@@ -20,7 +22,10 @@ app.conf.update(
     task_routes={"demo.report": {"queue": "heavy"}},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
+    resource_usage_interval=float(os.environ.get("DEMO_RESOURCE_INTERVAL", "2")),
 )
+# The one optional line a real app adds for CPU/memory metrics:
+app.steps["consumer"].add(ResourceUsage)
 
 
 class DemoError(Exception):

@@ -44,5 +44,5 @@ class TaskEventsCheck(Sink):
         try:
             self.app.control.enable_events(destination=[hostname])
             log.info("sent enable_events to %s", hostname)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort; the warning already stands
             log.warning("enable_events to %s failed: %s", hostname, exc)

@@ -114,7 +114,7 @@ class Intake:
                     self._consume_fast(stop)
                 else:
                     self._consume_stock(stop)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any broker failure: report, back off, retry
                 was_connected = self.status.connected
                 self._disconnected(exc)
                 if was_connected:
@@ -169,5 +169,5 @@ class Intake:
         """Ask workers for a heartbeat now, so they show up without waiting a beat."""
         try:
             self.app.control.broadcast("heartbeat")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - best effort: heartbeats come anyway
             log.debug("heartbeat broadcast failed: %s", exc)

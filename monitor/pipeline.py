@@ -70,7 +70,7 @@ class Pipeline:
                 for sink in self.sinks:
                     try:
                         sink.on_update(update)
-                    except Exception:
+                    except Exception:  # noqa: BLE001 - one bad sink must not stop the stream
                         self._log_sink_error(sink)
 
     def skip(self, reason: str) -> None:
@@ -90,7 +90,7 @@ class Pipeline:
             for sink in self.sinks:
                 try:
                     sink.on_tick(now, offline, forgotten)
-                except Exception:
+                except Exception:  # noqa: BLE001 - one bad sink must not stop the ticker
                     self._log_sink_error(sink)
 
     def set_connected(self, connected: bool) -> None:

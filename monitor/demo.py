@@ -1,0 +1,199 @@
+"""`celery-sidecar demo`: the whole loop on one machine, with nothing installed but this package.
+
+It starts a private Redis (unless --broker-url is given), a demo Celery worker running
+monitor/demo_tasks.py, a producer that keeps sending tasks that succeed, fail, retry
+and run slowly, and the sidecar itself; then draws a live summary until Ctrl-C or
+--duration. Everything it started is stopped and its temp files removed on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from monitor.config import load_config
+from monitor.embedded_redis import EmbeddedRedis, free_port
+from monitor.sidecar import RunSettings, Sidecar
+
+# (task name, kwargs, weight): a mix with ~10 % failures and ~15 % flaky retries.
+TRAFFIC = [
+    ("demo.ok", {}, 60),
+    ("demo.fail", {"reason": "demo failure"}, 8),
+    ("demo.flaky", {"p_fail": 0.5}, 15),
+    ("demo.slow", {"seconds": 1.5}, 12),
+    ("demo.report", {"seconds": 3.0}, 5),
+]
+
+
+class _AlertLog(logging.Handler):
+    """Keeps the last alert lines for the summary instead of scrolling them past it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: deque[str] = deque(maxlen=6)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        first = record.getMessage().splitlines()[0]
+        self.lines.append(f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {first}")
+
+
+class Demo:
+    def __init__(self, broker_url: str | None, port: int, duration: float | None, config_path: Path | None,
+                 rate: float, no_summary: bool) -> None:
+        self.broker_url = broker_url
+        self.port = port or free_port()
+        self.duration = duration
+        self.config_path = config_path
+        self.rate = rate
+        self.live = not no_summary and sys.stdout.isatty()
+        self.stop = threading.Event()
+        self.redis: EmbeddedRedis | None = None
+        self.worker: subprocess.Popen | None = None
+        self.sidecar: Sidecar | None = None
+        self.sent = 0
+        self.alert_log = _AlertLog()
+
+    def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop.set())
+        try:
+            self._start()
+            self._loop()
+        finally:
+            self._shutdown()
+
+    # -- start and stop -----------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self.broker_url is None:
+            self.redis = EmbeddedRedis().start()
+            self.broker_url = self.redis.url
+            print(f"started a private Redis at {self.broker_url}")
+        config = load_config(self.config_path)
+        self.sidecar = Sidecar(
+            RunSettings(broker_url=self.broker_url, port=self.port, config_path=self.config_path,
+                        probe_interval=2.0, inspect_interval=10.0, state_dir=Path(self.redis.workdir)
+                        if self.redis else Path(".")),
+            config,
+        )
+        logging.getLogger("alerts.console").addHandler(self.alert_log)
+        logging.getLogger("alerts.console").propagate = not self.live
+        self.sidecar.start()
+        env = {**os.environ, "CELERY_BROKER_URL": self.broker_url}
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "monitor.demo_tasks", "worker", "-E", "-Q", "celery,heavy",
+             "-c", "4", "-n", "demo-worker@%h", "--loglevel=WARNING", "--without-gossip", "--without-mingle"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        print(f"metrics: http://127.0.0.1:{self.port}/metrics   health: http://127.0.0.1:{self.port}/health")
+        print("demo worker started; sending tasks" + ("" if self.duration is None else f" for {self.duration:g} s"))
+        threading.Thread(target=self._produce, name="producer", daemon=True).start()
+
+    def _shutdown(self) -> None:
+        self.stop.set()
+        print("\nstopping the demo...")
+        # The sidecar goes first, so the worker's shutdown is not reported as an incident.
+        if self.sidecar is not None:
+            self.sidecar.stop()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()  # warm shutdown: running tasks finish
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.worker.wait(20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.worker.pid, signal.SIGKILL)  # pool children too
+            self.worker.wait(5)
+        if self.redis is not None:
+            self.redis.cleanup()
+        print("demo stopped: worker, sidecar and private Redis are gone")
+
+    # -- traffic and summary --------------------------------------------------------------
+
+    def _produce(self) -> None:
+        from monitor.demo_tasks import app
+
+        app.conf.broker_url = self.broker_url
+        names = [t[0] for t in TRAFFIC]
+        weights = [t[2] for t in TRAFFIC]
+        kwargs = {t[0]: t[1] for t in TRAFFIC}
+        with app.producer_or_acquire() as producer:
+            while not self.stop.wait(1.0 / self.rate):
+                name = random.choices(names, weights)[0]
+                try:
+                    app.send_task(name, kwargs=kwargs[name], producer=producer)
+                    self.sent += 1
+                except Exception as exc:  # noqa: BLE001 - the demo keeps going while the broker recovers
+                    print(f"producer: {exc}", file=sys.stderr)
+
+    def _loop(self) -> None:
+        started = time.monotonic()
+        while not self.stop.wait(1.0 if self.live else 5.0):
+            if self.worker is not None and self.worker.poll() is not None:
+                print("the demo worker exited unexpectedly", file=sys.stderr)
+                break
+            self._draw(time.monotonic() - started)
+            if self.duration is not None and time.monotonic() - started >= self.duration:
+                break
+
+    def _draw(self, elapsed: float) -> None:
+        text = summary(self.sidecar, elapsed, self.sent, list(self.alert_log.lines))
+        if self.live:
+            sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
+        else:
+            sys.stdout.write(text.splitlines()[0] + "\n")
+        sys.stdout.flush()
+
+
+def summary(sidecar: Sidecar, elapsed: float, sent: int, alerts: list[str]) -> str:
+    """The live summary: workers, queues, latency and retry rate against thresholds."""
+    state, config = sidecar.state, sidecar.config
+    t = config.thresholds
+    now = time.time()
+    with sidecar.pipeline.lock:
+        events = sum(state.counters.events_by_type.values())
+        workers = [(w.hostname, w.alive, w.active, w.pool_max, w.cpu_percent, w.memory_percent)
+                   for w in state.workers.values()]
+        p95 = {c: state.latency_windows[c].quantile(0.95, now) for c in ("normal", "heavy")}
+        retries = sorted(((n, w.counts(now)) for n, w in state.retry_windows.items()), key=lambda x: x[0])
+    queues = dict(sidecar.poller.readings.queues)
+    flag = {True: "!!", False: "ok"}
+    lines = [
+        f"celery-sidecar demo  {elapsed:5.0f}s  tasks sent {sent}  events {events}  "
+        f"broker {'connected' if sidecar.status.connected else 'DISCONNECTED'}  latency from task-"
+        f"{state.latency_source(now)}",
+        "",
+        f"WORKERS       up    active  pool  cpu%   (< {t.worker_cpu_percent:g})  mem%  (< {t.worker_memory_percent:g})",
+    ]
+    for host, alive, active, pool, cpu, mem in workers:
+        lines.append(f"  {host[:28]:<28} {'up' if alive else 'DOWN':<5} {active:>3}/{pool or '?':<4}"
+                     f" {_num(cpu):>6}  {_num(mem):>6}")
+    lines += ["", "QUEUES        length   threshold normal/peak"]
+    for queue, reading in sorted(queues.items()):
+        limits = config.queue_thresholds(queue)
+        lines.append(f"  {queue:<12} {reading.length:>6}   {limits.normal}/{limits.peak}  "
+                     f"{flag[reading.length > limits.normal]}")
+    lines += ["", "LATENCY (p95 queue wait)"]
+    for task_class, limit in (("normal", t.latency_seconds.normal), ("heavy", t.latency_seconds.heavy)):
+        value = p95[task_class]
+        verdict = "" if value is None else flag[value > limit]
+        lines.append(f"  {task_class:<8} {_num(value, 's'):>8}  threshold {limit:g}s  {verdict}")
+    lines += ["", f"RETRY RATE (last {config.state.retry_window_seconds:g}s, threshold {t.retry_rate_percent:g}%)"]
+    for name, (hits, total) in retries:
+        ratio = hits / total if total else 0.0
+        lines.append(f"  {name:<16} {ratio:>6.1%}  ({hits}/{total})  {flag[ratio * 100 > t.retry_rate_percent]}")
+    lines += ["", "RECENT ALERTS (console; set SLACK_WEBHOOK_URL for Slack)"]
+    lines += [f"  {line}" for line in alerts] or ["  none"]
+    lines += ["", "Ctrl-C to stop"]
+    return "\n".join(lines)
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.1f}{unit}"
