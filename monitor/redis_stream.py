@@ -46,6 +46,9 @@ SKIP_MALFORMED = "malformed"  # clock/timestamp/utcoffset of the wrong type
 # Matches EventReceiver: clients never sync their clock, so task-sent gets ours minus one.
 _CLIENT_CLOCK_SKEW = -1
 _RECV_BUFFER = 1 << 20  # one recv() may return a few thousand messages; fewer syscalls
+# hiredis' reader memmoves its unread buffer each time it has consumed 1 KB, so feeding it
+# a whole megabyte at once is quadratic (5.8 us/message at 1 MB vs 0.5 us at 16 KB).
+_FEED_SLICE = 16 << 10
 _POLL_SECONDS = 0.5  # how often an idle reader checks ``stop``
 _DEFAULT_HEALTH_CHECK = 25.0  # kombu's default health_check_interval
 _EVENT_EXCHANGE = "celeryev"
@@ -292,14 +295,15 @@ def _read_loop(sock: socket.socket, reader: hiredis.Reader, decoder: EventDecode
         last_data = time.monotonic()
         ping_sent = False
         decoder.refresh()
-        feed(buffer, 0, size)
-        while (reply := gets()) is not False:
-            # pmessage replies are [b"pmessage", pattern, channel, payload].
-            if type(reply) is list and len(reply) == 4:
-                decode(reply[3])
-            elif isinstance(reply, hiredis.ReplyError):
-                raise ConnectionError(f"Redis error on the subscription: {reply}")
-            # Anything else is a PING's pong or a (p)subscribe confirmation.
+        for offset in range(0, size, _FEED_SLICE):
+            feed(buffer, offset, min(_FEED_SLICE, size - offset))
+            while (reply := gets()) is not False:
+                # pmessage replies are [b"pmessage", pattern, channel, payload].
+                if type(reply) is list and len(reply) == 4:
+                    decode(reply[3])
+                elif isinstance(reply, hiredis.ReplyError):
+                    raise ConnectionError(f"Redis error on the subscription: {reply}")
+                # Anything else is a PING's pong or a (p)subscribe confirmation.
 
 
 def _send(sock: socket.socket, data: bytes) -> None:

@@ -320,6 +320,9 @@ class State:
     def _worker_online(self, event: dict[str, Any]) -> WorkerUpdate | None:
         worker, update = self._worker(event)
         worker.sw = f"{event.get('sw_ident', '')} {event.get('sw_ver', '')}".strip()
+        # A worker that just came online has processed nothing: the baseline for telling
+        # whether it works without sending task events (tasks may finish before a heartbeat).
+        worker.processed_at_first_heartbeat = 0
         return update
 
     def _worker_heartbeat(self, event: dict[str, Any]) -> WorkerUpdate | None:

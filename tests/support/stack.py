@@ -41,15 +41,6 @@ USER = "ops"
 PASSWORD = "correct horse battery staple"
 WORKER_NAME = "live-worker@stack"
 
-# The worker the harness runs: the demo app plus the documented one-line plugin install.
-WORKER_APP = """\
-from monitor.demo_tasks import app
-from monitor.plugin import ResourceUsage
-
-app.steps["consumer"].add(ResourceUsage)
-app.conf.resource_usage_interval = 1  # seconds; the default 5 is slow for a short test
-"""
-
 SIDECAR_CONFIG = """\
 queues: [celery, heavy]
 heavy_queues: [heavy]
@@ -187,8 +178,7 @@ def _wait_http(url: str, procs: Processes, what: str, timeout: float = 30, ok=(2
 
 def _child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra.pop("PYTHONPATH", ""), str(REPO),
-                                                      env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
 
@@ -224,14 +214,14 @@ def running_stack() -> Iterator[Stack]:
             rules_path=str(RULES),
         ), out)
 
-        (tmp / "stack_worker_app.py").write_text(WORKER_APP)
         (tmp / "sidecar.yml").write_text(SIDECAR_CONFIG)
         broker_env = {"CELERY_BROKER_URL": redis.url}
 
+        # The demo app carries the documented one-line plugin install (monitor.plugin.ResourceUsage).
         procs.start("worker", [
-            sys.executable, "-m", "celery", "-A", "stack_worker_app", "worker", "-E", "-Q", "celery,heavy",
+            sys.executable, "-m", "celery", "-A", "monitor.demo_tasks", "worker", "-E", "-Q", "celery,heavy",
             "-c", "3", "-n", WORKER_NAME, "--without-mingle", "--without-gossip", "-l", "INFO",
-        ], env=_child_env(PYTHONPATH=str(tmp), **broker_env), cwd=tmp)
+        ], env=_child_env(DEMO_RESOURCE_INTERVAL="1", **broker_env), cwd=tmp)
 
         procs.start("sidecar", [
             sys.executable, "-m", "monitor", "run", "--broker-url", redis.url, "--bind", "127.0.0.1",
@@ -338,7 +328,16 @@ def chromium(*args: str, user_data_dir: Path, timeout: float = 60) -> subprocess
         "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage", f"--user-data-dir={user_data_dir}", *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        # Chromium leaves helper processes (zygote, GPU, network service) in its group.
+        _signal_group(proc, signal.SIGKILL)
+    if proc.returncode is None:
+        proc.wait(5)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 _ASSET = re.compile(r"""(?:src|href)\s*=\s*["']([^"'#]+)["']""", re.I)

@@ -1,0 +1,275 @@
+"""The measurements. Each runs a fresh redis-server and a fresh consumer process."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+from tests.bench.profile import Profiler
+from tests.bench.publish import Publisher, paced, subscriber_count, subscriber_memory
+from tests.bench.targets import Sidecar, Target, start_and_wait
+from tests.bench.traffic import Message, Shape, TrafficGenerator
+from tests.support.servers import RedisServer, redis_server, wait_for
+
+# Unlimited pubsub buffers: the drain test parks the whole flood in Redis on purpose.
+UNLIMITED_PUBSUB = ("--client-output-buffer-limit", "pubsub", "0", "0", "0")
+
+TargetFactory = Callable[[str], Target]
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Drain:
+    label: str
+    events: int
+    seconds: float
+    counted: int
+
+    @property
+    def rate(self) -> float:
+        return self.counted / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Loss:
+    label: str
+    rate: float
+    duration: float
+    published: int
+    counted: int
+    disconnects: int  # Redis' own count (Redis >= 7; 0 on older servers)
+    reconnects: int  # the sidecar's celery_sidecar_reconnects_total
+
+    @property
+    def lost(self) -> int:
+        return max(0, self.published - self.counted)
+
+
+@dataclass
+class Memory:
+    tasks: int
+    events: int
+    samples: list[tuple[int, float]]  # (tasks so far, RSS MB)
+
+    @property
+    def final_mb(self) -> float:
+        return self.samples[-1][1]
+
+    @property
+    def growth_mb(self) -> float:
+        """RSS change over the second half of the run: ~0 when memory is bounded."""
+        half = [mb for tasks, mb in self.samples if tasks >= self.tasks // 2]
+        return half[-1] - half[0] if len(half) > 1 else 0.0
+
+
+@dataclass
+class Scrape:
+    series: int
+    series_bytes: int
+    median_ms: float
+    max_ms: float
+    scrapes: int
+
+
+@dataclass
+class Cpu:
+    tasks_per_s: float
+    events_per_s: float
+    seconds: float
+    percent: float
+
+
+def _wait_subscribed(server: RedisServer, target: Target) -> None:
+    client = server.client()
+    wait_for(lambda: subscriber_count(client) >= 1 or not target.alive(), timeout=30,
+             what=f"{target.label} to subscribe")
+    if not target.alive():
+        raise RuntimeError(f"{target.label} died:\n{target.log_tail()}")
+
+
+def _wait_consumed(server: RedisServer, target: Target, expected: int, stall: float = 10.0,
+                   interval: float = 0.05) -> tuple[int, float]:
+    """Wait until ``target`` has counted ``expected`` events or stops making progress.
+
+    Returns (count, monotonic time the count was last seen to grow). Polls Redis for the
+    subscriber's output buffer first, so the consumer is not scraped while it is busy.
+    """
+    client = server.client()
+    while subscriber_memory(client) > 0 and target.alive():
+        time.sleep(interval)
+    last, last_change = -1, time.monotonic()
+    while True:
+        count = target.count()
+        now = time.monotonic()
+        if count != last:
+            last, last_change = count, now
+        if count >= expected or now - last_change > stall or not target.alive():
+            return count, last_change
+        time.sleep(interval)
+
+
+def drain(factory: TargetFactory, messages: list[Message], events: int, progress: Progress,
+          profile: str | None = None) -> Drain:
+    """Max drain rate: park ``messages`` in Redis while the consumer is paused, then let go.
+
+    Pausing (SIGSTOP) keeps the producer's CPU out of the measurement: on a 2-core machine
+    a concurrent publisher would otherwise steal the consumer's core.
+    """
+    with redis_server(*UNLIMITED_PUBSUB) as server:
+        target = factory(server.url)
+        try:
+            start_and_wait(target)
+            _wait_subscribed(server, target)
+            time.sleep(1.0)  # let start-up work (wakeup broadcast, probes) settle
+            base = target.count()
+            target.pause()
+            publisher = Publisher(server.port)
+            publisher.publish(messages)
+            publisher.wait_replies(timeout=300)
+            publisher.close()
+            progress(f"  {target.label}: {events:,} events parked in Redis; resuming the consumer")
+            spy = Profiler(target.process.pid, profile) if profile else None
+            started = time.monotonic()
+            target.resume()
+            count, finished = _wait_consumed(server, target, base + events, interval=0.02)
+            if spy is not None:
+                progress(spy.stop_and_summarise())
+            return Drain(target.label, events, finished - started, count - base)
+        finally:
+            target.stop()
+
+
+def loss(factory: TargetFactory, messages: list[Message], events: int, rate: float,
+         progress: Progress) -> Loss:
+    """Sustained rate with Redis' default pubsub limits: how many events never arrive."""
+    with redis_server() as server:
+        target = factory(server.url)
+        try:
+            start_and_wait(target)
+            _wait_subscribed(server, target)
+            time.sleep(1.0)
+            base = target.count()
+            client = server.client()
+            publisher = Publisher(server.port)
+            started = last_report = time.monotonic()
+            sent = 0
+            for batch in paced(messages, rate):
+                publisher.publish(batch)
+                sent += sum(m.events for m in batch)
+                now = time.monotonic()
+                if now - last_report >= 5:
+                    last_report = now
+                    progress(f"  {target.label}: {now - started:5.0f}s published {sent:,} events, "
+                             f"Redis buffer {subscriber_memory(client) / 1e6:.1f} MB")
+            publisher.wait_replies()
+            duration = time.monotonic() - started
+            disconnects = _disconnects(server)
+            publisher.close()
+            count, _ = _wait_consumed(server, target, base + events, stall=5.0)
+            reconnects = target.reconnects() if isinstance(target, Sidecar) else 0
+            return Loss(target.label, events / duration, duration, events, count - base, disconnects,
+                        reconnects)
+        finally:
+            target.stop()
+
+
+def _disconnects(server: RedisServer) -> int:
+    """Subscribers Redis dropped for exceeding the output buffer limit."""
+    stats = server.client().info("stats")
+    return int(stats.get("client_output_buffer_limit_disconnections", 0))
+
+
+def memory(factory: TargetFactory, tasks: int, progress: Progress, chunk: int = 5_000) -> Memory:
+    """RSS after ``tasks`` tasks, streamed with back-pressure (Redis buffer kept under 8 MB)."""
+    with redis_server(*UNLIMITED_PUBSUB) as server:
+        target = factory(server.url)
+        try:
+            start_and_wait(target)
+            _wait_subscribed(server, target)
+            base = target.count()
+            client = server.client()
+            publisher = Publisher(server.port)
+            generator = TrafficGenerator(Shape(seed=1))
+            samples: list[tuple[int, float]] = [(0, target.ps.memory_info().rss / 1e6)]
+            every = max(chunk, tasks // 20)
+            done = 0
+            while done < tasks:
+                n = min(chunk, tasks - done)
+                publisher.publish(generator.messages(n))
+                done += n
+                while subscriber_memory(client) > 8e6 and target.alive():
+                    time.sleep(0.02)
+                if done % every < chunk or done == tasks:
+                    rss = target.ps.memory_info().rss / 1e6
+                    samples.append((done, rss))
+                    progress(f"  memory: {done:,} tasks, sidecar RSS {rss:.1f} MB")
+            publisher.wait_replies(timeout=120)
+            publisher.close()
+            _wait_consumed(server, target, base + generator.totals.events)
+            samples.append((tasks, target.ps.memory_info().rss / 1e6))
+            return Memory(tasks, generator.totals.events, samples)
+        finally:
+            target.stop()
+
+
+def scrape(factory: Callable[[str], Sidecar], shape: Shape, tasks: int, scrapes: int,
+           progress: Progress) -> Scrape:
+    """/metrics time once the state holds every (name, worker, queue) series of ``shape``."""
+    with redis_server(*UNLIMITED_PUBSUB) as server:
+        target = factory(server.url)
+        try:
+            start_and_wait(target)
+            _wait_subscribed(server, target)
+            base = target.count()
+            generator = TrafficGenerator(shape)
+            publisher = Publisher(server.port)
+            publisher.publish(generator.messages(tasks))
+            publisher.wait_replies(timeout=120)
+            publisher.close()
+            _wait_consumed(server, target, base + generator.totals.events)
+            progress(f"  scrape: state populated with {tasks:,} tasks; scraping {scrapes} times")
+            timings = []
+            for _ in range(scrapes):
+                seconds, _size = target.timed_scrape()
+                timings.append(seconds * 1000)
+                time.sleep(0.1)
+            body = target.scrape()
+            samples = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+            return Scrape(samples, len(body), statistics.median(timings), max(timings), scrapes)
+        finally:
+            target.stop()
+
+
+def cpu(factory: TargetFactory, tasks_per_s: float, seconds: float, progress: Progress) -> Cpu:
+    """Sidecar CPU (user+system, % of one core) while traffic arrives at ``tasks_per_s``."""
+    generator = TrafficGenerator(Shape(seed=2))
+    messages = list(generator.messages(int(tasks_per_s * seconds)))
+    events_per_s = generator.totals.events / seconds
+    with redis_server() as server:
+        target = factory(server.url)
+        try:
+            start_and_wait(target)
+            _wait_subscribed(server, target)
+            time.sleep(1.0)
+            process = target.ps
+            publisher = Publisher(server.port)
+            before = _cpu_seconds(process)
+            started = time.monotonic()
+            for batch in paced(messages, events_per_s):
+                publisher.publish(batch)
+            elapsed = time.monotonic() - started
+            used = _cpu_seconds(process) - before
+            publisher.close()
+            progress(f"  cpu: {generator.totals.events / elapsed:,.0f} events/s for {elapsed:.0f}s")
+            return Cpu(tasks_per_s, events_per_s, elapsed, 100 * used / elapsed)
+        finally:
+            target.stop()
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system

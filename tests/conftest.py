@@ -1,0 +1,45 @@
+"""Fixtures: private servers and processes, all torn down after each test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.procs import Process, SidecarProcess, start_worker
+from tests.support.servers import RedisServer, redis_server
+
+
+@pytest.fixture
+def redis_srv() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Process]]:
+    """Processes registered here are stopped (and their process groups killed) after the test."""
+    started: list[Process] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop(timeout=5)
+
+
+@pytest.fixture
+def sidecar(procs):
+    def start(broker_url: str, *args: str, **kwargs) -> SidecarProcess:
+        proc = SidecarProcess(broker_url, *args, **kwargs)
+        procs.append(proc)
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def worker(procs):
+    def start(broker_url: str, **kwargs) -> Process:
+        proc = start_worker(broker_url, **kwargs)
+        procs.append(proc)
+        return proc
+
+    return start

@@ -1,0 +1,147 @@
+"""Real processes for tests: the sidecar and Celery workers, each killed after the test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.servers import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "SIDECAR_", "CELERY_"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+class Process:
+    """A child process in its own session, with its output in a log file kept for failures."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """SIGTERM, wait, then SIGKILL the whole process group."""
+        if self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        self.kill(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def start_worker(broker_url: str, *, name: str, events: bool = True, queues: str = "celery,heavy",
+                 concurrency: int = 2, app: str = "monitor.demo_tasks", extra: Iterable[str] = (),
+                 env: dict[str, str] | None = None) -> Process:
+    args = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", f"{name}@%h", "-Q", queues,
+            "-c", str(concurrency), "--loglevel=INFO", "--without-gossip", "--without-mingle", *extra]
+    if events:
+        args.append("-E")
+    return Process(f"worker-{name}", args, _env(CELERY_BROKER_URL=broker_url, **(env or {})))
+
+
+class Metrics:
+    """Parsed /metrics: samples by (name, labels)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: dict[tuple[str, frozenset], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+
+    def get(self, name: str, /, **labels: str) -> float | None:
+        """The value of the one sample whose labels include ``labels`` (None if absent)."""
+        matches = self.all(name, **labels)
+        if len(matches) > 1:
+            raise AssertionError(f"{name}{labels} matches {len(matches)} series: {matches}")
+        return next(iter(matches.values()), None)
+
+    def sum(self, name: str, /, **labels: str) -> float:
+        return sum(self.all(name, **labels).values())
+
+    def all(self, name: str, /, **labels: str) -> dict[frozenset, float]:
+        want = set(labels.items())
+        return {lbl: v for (n, lbl), v in self.samples.items() if n == name and want <= set(lbl)}
+
+
+class SidecarProcess(Process):
+    def __init__(self, broker_url: str, *args: str, config: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "monitor", "run", "--broker-url", broker_url, "--port", str(self.port),
+               "--probe-interval", "0.5", "--inspect-interval", "2", "--probe-timeout", "2", *args]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        super().__init__("sidecar", cmd, _env(**(env or {})))
+        try:
+            wait_for(self._ready, timeout=20, what="the sidecar's /health")
+        except TimeoutError:
+            self.stop()
+            raise AssertionError(f"sidecar did not start:\n{self.log()}") from None
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
+        return httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503)
+
+    def metrics(self) -> Metrics:
+        return Metrics(httpx.get(f"{self.url}/metrics", timeout=5).text)
+
+    def health(self) -> tuple[int, dict]:
+        response = httpx.get(f"{self.url}/health", timeout=5)
+        return response.status_code, response.json()
+
+    def wait_metric(self, name: str, predicate, /, timeout: float = 20, **labels: str) -> float:
+        """Poll /metrics until the summed value of matching series satisfies predicate."""
+        last: list[float | None] = [None]
+
+        def check() -> bool:
+            metrics = self.metrics()
+            last[0] = metrics.sum(name, **labels) if metrics.all(name, **labels) else None
+            return last[0] is not None and predicate(last[0])
+
+        try:
+            wait_for(check, timeout=timeout, interval=0.2, what=f"{name}{labels}")
+        except TimeoutError:
+            raise AssertionError(
+                f"{name}{labels} never satisfied the condition; last value {last[0]}\n--- sidecar log ---\n"
+                + self.log()[-4000:]
+            ) from None
+        return last[0]  # type: ignore[return-value]

@@ -1,0 +1,273 @@
+"""The deployable stack's configuration: an operator fills in .env and the configs are valid.
+
+These run the real validators (nginx -t, promtool, docker-compose config) on what
+`celery-sidecar render` and the compose file produce. The live stack is tests/test_stack_live.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import bcrypt
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from monitor.render import render_command
+from tests.support.stack import COMPOSE_FILE, DASHBOARD, REPO, RULES, dashboard_expressions
+
+GOOD_ENV = {
+    "ALLOW_CIDRS": "10.0.0.0/8, 192.168.1.0/24,2001:db8::/32",
+    "FLOWER_USER": "ops",
+    "FLOWER_PASSWORD": "s3cret-Pa55",
+    "SET_REAL_IP_FROM": "172.16.0.0/12",
+    "ENABLE_PROMETHEUS_UI": "true",
+}
+COMPOSE_ENV = {
+    "CELERY_BROKER_URL": "redis://redis:6379/0",
+    "ALLOW_CIDRS": "10.0.0.0/8",
+    "FLOWER_USER": "ops",
+    "FLOWER_PASSWORD": "s3cret",
+    "GRAFANA_ADMIN_PASSWORD": "also-secret",
+}
+
+
+def needs(tool: str):
+    return pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} is not installed")
+
+
+def render(out: Path, env: dict[str, str], *args: str):
+    # Only the given variables: the developer's own environment must not leak in.
+    clean = {k: None for k in os.environ if k in GOOD_ENV or k.startswith(("ENABLE_", "LISTEN"))}
+    return CliRunner().invoke(render_command, ["--out", str(out), *args], env={**clean, **env})
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> Path:
+    result = render(tmp_path / "out", GOOD_ENV, "--rules-path", str(RULES))
+    assert result.exit_code == 0, result.output
+    return tmp_path / "out"
+
+
+@needs("nginx")
+def test_rendered_nginx_config_passes_nginx_t(rendered: Path, tmp_path: Path):
+    conf = rendered / "nginx" / "nginx.conf"
+    text = conf.read_text()
+    assert "allow 10.0.0.0/8;" in text and "allow 192.168.1.0/24;" in text and "allow 2001:db8::/32;" in text
+    assert "deny all;" in text
+    assert "set_real_ip_from 172.16.0.0/12;" in text
+    result = subprocess.run(
+        ["nginx", "-t", "-c", str(conf), "-p", str(tmp_path), "-e", "stderr",
+         "-g", f"pid {tmp_path / 'nginx.pid'};"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_htpasswd_holds_a_bcrypt_hash_not_the_password(rendered: Path):
+    line = (rendered / "nginx" / "htpasswd").read_text().strip()
+    user, hashed = line.split(":", 1)
+    assert user == "ops"
+    assert hashed.startswith("$2b$")
+    assert bcrypt.checkpw(GOOD_ENV["FLOWER_PASSWORD"].encode(), hashed.encode())
+    for path in rendered.rglob("*"):
+        if path.is_file():
+            assert GOOD_ENV["FLOWER_PASSWORD"] not in path.read_text(), path
+
+
+@needs("promtool")
+def test_rendered_prometheus_config_passes_promtool(rendered: Path):
+    config = rendered / "prometheus" / "prometheus.yml"
+    assert str(RULES) in yaml.safe_load(config.read_text())["rule_files"]
+    result = subprocess.run(["promtool", "check", "config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if RULES.exists():
+        assert "SUCCESS" in result.stdout and "rules found" in result.stdout, result.stdout
+
+
+def test_grafana_provisioning_has_fixed_datasource_and_dashboard_provider(rendered: Path):
+    ds = yaml.safe_load((rendered / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    (source,) = ds["datasources"]
+    assert source["uid"] == "celery-sidecar-prometheus"
+    assert source["url"] == "http://prometheus:9090/prometheus"
+    providers = yaml.safe_load((rendered / "grafana/provisioning/dashboards/celery-sidecar.yml").read_text())
+    assert providers["providers"][0]["options"]["path"] == "/etc/grafana/dashboards/celery-sidecar"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({**GOOD_ENV, "FLOWER_PASSWORD": ""}, "FLOWER_PASSWORD is not set"),
+        ({**GOOD_ENV, "FLOWER_USER": ""}, "FLOWER_USER is not set"),
+        ({**GOOD_ENV, "ALLOW_CIDRS": ""}, "ALLOW_CIDRS is empty"),
+        ({**GOOD_ENV, "ALLOW_CIDRS": "10.0.0.0/8,10.0.0.300/32"}, "ALLOW_CIDRS: '10.0.0.300/32' is not a valid"),
+        ({**GOOD_ENV, "ALLOW_CIDRS": "192.168.1.10/24"}, "did you mean 192.168.1.0/24?"),
+        ({**GOOD_ENV, "SET_REAL_IP_FROM": "everyone"}, "SET_REAL_IP_FROM: 'everyone' is not a valid"),
+        ({**GOOD_ENV, "FLOWER_USER": "ops;deny"}, "FLOWER_USER may only contain"),
+    ],
+)
+def test_render_refuses_missing_secrets_and_bad_networks(tmp_path: Path, env: dict, message: str):
+    result = render(tmp_path / "out", env)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not (tmp_path / "out").exists(), "nothing is written when a setting is refused"
+    assert GOOD_ENV["FLOWER_PASSWORD"] not in result.output
+
+
+def test_alertmanager_profile_renders_the_webhook_into_a_file_not_the_config(tmp_path: Path):
+    env = {**GOOD_ENV, "ENABLE_ALERTMANAGER": "true"}
+    refused = render(tmp_path / "no", env)
+    assert refused.exit_code != 0 and "ALERTMANAGER_SLACK_WEBHOOK_URL is not set" in refused.output
+
+    hook = "https://hooks.slack.com/services/T000/B000/XXXX"
+    result = render(tmp_path / "out", {**env, "ALERTMANAGER_SLACK_WEBHOOK_URL": hook})
+    assert result.exit_code == 0, result.output
+    prom = yaml.safe_load((tmp_path / "out/prometheus/prometheus.yml").read_text())
+    assert prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    am = tmp_path / "out/alertmanager/alertmanager.yml"
+    assert hook not in am.read_text() and hook not in result.output
+    assert (tmp_path / "out/alertmanager/slack_webhook_url").read_text().strip() == hook
+    if shutil.which("amtool"):
+        check = subprocess.run(["amtool", "check-config", str(am)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+# --- compose ----------------------------------------------------------------------------
+
+def compose_config(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+    # An empty --env-file: a developer's own .env must not satisfy (or break) the check.
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    return subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config"],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env},
+    )
+
+
+@needs("docker-compose")
+def test_compose_file_validates_with_the_required_settings(tmp_path: Path):
+    result = compose_config(COMPOSE_ENV, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+@needs("docker-compose")
+@pytest.mark.parametrize("missing", ["FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "ALLOW_CIDRS",
+                                     "CELERY_BROKER_URL"])
+def test_compose_refuses_to_start_without_a_required_setting(missing: str, tmp_path: Path):
+    env = {k: v for k, v in COMPOSE_ENV.items() if k != missing}
+    result = compose_config(env, tmp_path)
+    assert result.returncode != 0
+    assert f"set {missing}" in result.stderr, result.stderr
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_every_file_the_compose_file_mounts_is_in_the_repo():
+    for name, service in compose()["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (REPO / source).exists(), f"{name} mounts {source}, which is not in the repo"
+        build = service.get("build")
+        if build:
+            assert (REPO / build["context"] / build.get("dockerfile", "Dockerfile")).exists()
+
+
+def test_compose_paths_agree_with_what_render_writes(rendered: Path):
+    """Each service reads the rendered file at the path its volume mounts it on."""
+    services = compose()["services"]
+
+    def mount(service: str, source: str) -> str:
+        (target,) = [v.split(":")[1] for v in services[service]["volumes"] if v.split(":")[0] == source]
+        return target
+
+    render_mounts = {v.split(":")[0]: v.split(":")[1] for v in services["render"]["volumes"]}
+    assert render_mounts == {"nginx-conf": "/out/nginx", "prometheus-conf": "/out/prometheus",
+                             "grafana-provisioning": "/out/grafana/provisioning",
+                             "alertmanager-conf": "/out/alertmanager"}
+    assert services["render"]["command"][-2:] == ["--out", "/out"]
+
+    nginx = services["nginx"]["command"]
+    assert nginx[nginx.index("-c") + 1] == mount("nginx", "nginx-conf") + "/nginx.conf"
+    assert "--config.file=" + mount("prometheus", "prometheus-conf") + "/prometheus.yml" in \
+        services["prometheus"]["command"]
+    rules_target = mount("prometheus", "./alerts/prometheus/rules.yml")
+    default_rules = render_command.params[[p.name for p in render_command.params].index("rules_path")].default
+    assert Path(rules_target).match(default_rules)
+    assert mount("grafana", "grafana-provisioning") == "/etc/grafana/provisioning"
+    provider = yaml.safe_load((rendered / "grafana/provisioning/dashboards/celery-sidecar.yml").read_text())
+    dashboards = mount("grafana", "./grafana/dashboards")
+    assert provider["providers"][0]["options"]["path"] == dashboards
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards}/{DASHBOARD.name}"
+    am = services["alertmanager"]["command"]
+    assert "--config.file=" + mount("alertmanager", "alertmanager-conf") + "/alertmanager.yml" in am
+
+
+def test_only_nginx_publishes_a_port():
+    publishing = {name for name, s in compose()["services"].items() if s.get("ports")}
+    assert publishing == {"nginx"}
+    for name, service in compose()["services"].items():
+        assert service.get("network_mode") != "host", name
+
+
+def test_sidecar_image_runs_as_non_root_with_a_healthcheck():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    final_stage = dockerfile.split("\nFROM ")[-1]
+    assert final_stage.startswith("python:3.11-slim")
+    assert "\nUSER " in final_stage and "USER root" not in final_stage
+    healthcheck = final_stage[final_stage.index("\nHEALTHCHECK"):].split("\nCMD")[0]
+    assert "/health" in healthcheck and "python" in healthcheck and "curl" not in healthcheck
+    assert "build-essential" not in final_stage and "apt-get install" not in final_stage
+
+
+# --- dashboard --------------------------------------------------------------------------
+
+def test_dashboard_is_provisionable():
+    text = DASHBOARD.read_text()
+    dashboard = json.loads(text)
+    assert "__inputs" not in dashboard and "${DS_" not in text
+    assert dashboard["uid"] == "celery-sidecar"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for var in variables.values():
+        if var["type"] == "query":
+            assert var["includeAll"] and var["allValue"], f"${var['name']} needs All handling"
+
+
+def test_every_dashboard_panel_queries_prometheus_through_the_variable():
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for row in dashboard["panels"] for p in [row, *row.get("panels", [])] if p["type"] != "row"]
+    assert len(panels) >= 25
+    for panel in panels:
+        assert panel.get("targets"), f"panel {panel['title']!r} has no targets"
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            assert target.get("expr"), f"panel {panel['title']!r} has an empty query"
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_dashboard_uses_only_contract_metric_names():
+    contract = (REPO / "docs" / "architecture.md").read_text()
+    families = {"celery_task_" + s + "_total" for s in
+                ("sent", "received", "started", "succeeded", "failed", "rejected", "revoked", "retried")}
+    names: set[str] = set()
+    for _, expr in dashboard_expressions(json.loads(DASHBOARD.read_text())):
+        names.update(n for n in _metric_names(expr))
+    for name in names:
+        base = name.removesuffix("_bucket")
+        assert name in families or f"`{base}`" in contract, f"{name} is not in docs/architecture.md"
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\b(celery_[a-z_]+)\b", expr))
