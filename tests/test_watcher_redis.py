@@ -78,7 +78,7 @@ def test_sigkilled_worker_goes_down_within_twice_heartbeat_plus_grace(redis_srv,
     assert took <= 7.5, f"worker went down after {took:.1f}s"
     # The series goes to 0; it does not vanish.
     assert side.metrics().get("celery_worker_up", hostname=hostname) == 0
-    status, health = side.health()
+    _, health = side.health()
     assert health["workers"][hostname] == "down"
 
 
@@ -91,7 +91,7 @@ def test_redis_restart_mid_stream_metrics_resume(redis_srv, sidecar, worker):
 
     redis_srv.stop()
     wait_for(lambda: side.health()[0] == 503, timeout=15, what="/health to report the broker down")
-    status, health = side.health()
+    _, health = side.health()
     assert health["broker"]["connected"] is False and health["broker"]["last_error"]
     redis_srv.restart()
 
@@ -114,7 +114,7 @@ def test_invalid_config_edit_is_refused_and_a_valid_one_applies_live(redis_srv, 
 
     config.write_text("thresholds:\n  queue_length: {normal: many}\n")
     side.wait_metric("celery_sidecar_config_reloads_total", lambda v: v == 1, result="error", timeout=10)
-    status, health = side.health()
+    _, health = side.health()
     assert status == 200, "a refused edit keeps the previous config live; the sidecar still works"
     assert health["config"]["valid"] is False
     assert "thresholds.queue_length.normal" in health["config"]["error"]
@@ -153,7 +153,7 @@ def test_worker_without_task_events_is_detected_and_enable_events_fixes_it(redis
 def test_metrics_and_health_endpoints(redis_srv, sidecar):
     side = sidecar(redis_srv.url)
     wait_for(lambda: side.health()[0] == 200, timeout=10, what="connected")
-    status, health = side.health()
+    _, health = side.health()
     assert health["broker"]["url"] == redis_srv.url and health["broker"]["connected"]
     assert health["latency_source"] in ("sent", "received")
     assert httpx.get(f"{side.url}/nope").status_code == 404
