@@ -114,7 +114,7 @@ def test_invalid_config_edit_is_refused_and_a_valid_one_applies_live(redis_srv, 
 
     config.write_text("thresholds:\n  queue_length: {normal: many}\n")
     side.wait_metric("celery_sidecar_config_reloads_total", lambda v: v == 1, result="error", timeout=10)
-    _, health = side.health()
+    status, health = side.health()
     assert status == 200, "a refused edit keeps the previous config live; the sidecar still works"
     assert health["config"]["valid"] is False
     assert "thresholds.queue_length.normal" in health["config"]["error"]
