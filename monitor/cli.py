@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from monitor.config import ConfigError, effective_thresholds, load_config
+from monitor.render import render_command
 
 log = logging.getLogger("celery_sidecar")
 
@@ -192,12 +193,4 @@ def demo(**opts) -> None:
     Demo(**opts).run()
 
 
-def _register_optional_commands() -> None:
-    try:
-        from monitor.render import render_command
-    except ImportError:  # the stack renderer ships with the deploy files
-        return
-    main.add_command(render_command, "render")
-
-
-_register_optional_commands()
+main.add_command(render_command, "render")
