@@ -229,7 +229,8 @@ class State:
             latency = max(0.0, started - base)
             update.latency = latency
             update.task_class = "heavy" if self.config.is_heavy(rec.name, rec.queue) else "normal"
-            self.latency_windows[update.task_class].add(started, latency)
+            # Windows run on the local clock, like liveness: a skewed worker clock cannot age them.
+            self.latency_windows[update.task_class].add(event["local_received"], latency)
         return update
 
     def _task_succeeded(self, event: dict[str, Any]) -> TaskUpdate:
@@ -237,7 +238,7 @@ class State:
         update = self._update("succeeded", rec, event)
         runtime = event.get("runtime")
         update.runtime = float(runtime) if runtime is not None else None
-        self._retry_window(rec.name).add(update.timestamp, hit=False)
+        self._retry_window(rec.name).add(event["local_received"], hit=False)
         return update
 
     def _task_failed(self, event: dict[str, Any]) -> TaskUpdate:
@@ -246,7 +247,7 @@ class State:
         update.exception, update.exception_message = split_exception(event.get("exception"))
         update.traceback = event.get("traceback")
         update.args, update.kwargs = rec.args, rec.kwargs
-        self._retry_window(rec.name).add(update.timestamp, hit=False)
+        self._retry_window(rec.name).add(event["local_received"], hit=False)
         return update
 
     def _task_retried(self, event: dict[str, Any]) -> TaskUpdate:
@@ -256,7 +257,7 @@ class State:
         update = self._update("retried", rec, event)
         update.exception, update.exception_message = split_exception(event.get("exception"))
         rec.retries += 1
-        self._retry_window(rec.name).add(update.timestamp, hit=True)
+        self._retry_window(rec.name).add(event["local_received"], hit=True)
         return update
 
     def _task_final(self, event: dict[str, Any]) -> TaskUpdate:

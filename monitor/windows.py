@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 _BUCKETS = 30
@@ -21,6 +22,8 @@ class RatioWindow:
     def add(self, ts: float, hit: bool) -> None:
         slot = int(ts // self._span)
         i = slot % _BUCKETS
+        if self._stamp[i] > slot:
+            return  # older than the window this bucket now holds: a late event must not wipe it
         if self._stamp[i] != slot:
             self._stamp[i], self._hits[i], self._totals[i] = slot, 0, 0
         self._totals[i] += 1
@@ -59,4 +62,5 @@ class SampleWindow:
         values = sorted(v for ts, v in list(self._samples) if ts >= cutoff)
         if not values:
             return None
-        return values[min(len(values) - 1, int(q * len(values)))]
+        # Nearest rank: with 20 samples, p95 is the 19th, so one outlier in 20 is not the p95.
+        return values[max(0, math.ceil(q * len(values)) - 1)]

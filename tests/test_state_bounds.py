@@ -218,3 +218,34 @@ def test_retry_ratio_per_task_name_is_exported_and_capped():
     later = {s.labels["name"] for f in WorkerCollector(Pipeline(state, [], clock=lambda: now + 3600)).collect()
              if f.name == "celery_task_retry_ratio" for s in f.samples}
     assert later == set()
+
+
+def test_late_events_do_not_erase_the_current_retry_ratio():
+    """Workers buffer events while the broker is away and flush them on reconnect.
+
+    One such event, stamped more than the retry window ago, lands in the ring slot of a
+    live bucket. It must not wipe that bucket: the ratio of the last minutes stays.
+    """
+    cfg = parse_config({})  # retry window 300 s
+    now = T0 + 1005
+    state = State(cfg, clock=lambda: now)
+    pipeline = Pipeline(state, [], clock=lambda: now)
+    for i in range(10):
+        uid = f"r{i}"
+        pipeline.handle({"type": "task-sent", "uuid": uid, "name": "app.flaky", "queue": "celery",
+                         "hostname": "p@x", "timestamp": now - 1, "local_received": now - 1})
+        if i < 2:
+            pipeline.handle({"type": "task-retried", "uuid": uid, "hostname": "w@x", "timestamp": now - 0.5,
+                             "exception": "RetryError('again')", "local_received": now - 0.5})
+        pipeline.handle({"type": "task-succeeded", "uuid": uid, "hostname": "w@x", "timestamp": now,
+                         "runtime": 0.1, "local_received": now})
+    assert state.retry_windows["app.flaky"].ratio(now) == pytest.approx(2 / 12)
+
+    # A task from before the outage: its success, stamped 300 s ago, is delivered now.
+    pipeline.handle({"type": "task-sent", "uuid": "late", "name": "app.flaky", "queue": "celery",
+                     "hostname": "p@x", "timestamp": now - 301, "local_received": now - 301})
+    pipeline.handle({"type": "task-succeeded", "uuid": "late", "hostname": "w@x", "timestamp": now - 300,
+                     "runtime": 0.1, "local_received": now})
+    assert not state.counters.skipped_by_reason
+    ratio = state.retry_windows["app.flaky"].ratio(now)
+    assert ratio is not None and 2 / 13 <= ratio <= 2 / 12, f"retry ratio after one late event: {ratio}"

@@ -1,0 +1,538 @@
+"""Slack alerts end to end: real workers fail, die and back up; the real sidecar tells Slack.
+
+Every test runs a private redis-server, real Celery workers, the `celery-sidecar run`
+subprocess and the fake Slack of tests/support/fake_slack.py, which the sidecar's real
+slack-sdk client posts to. Assertions are about what reached Slack. The dispatcher's own
+behaviour, one call at a time, is covered by tests/test_slack_delivery.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from celery import Celery
+
+from tests.support.fake_slack import FakeSlack, Request, fake_slack
+from tests.support.procs import ARTIFACTS, ROOT, SidecarProcess
+from tests.support.servers import wait_for
+
+pytestmark = pytest.mark.timeout(150)
+
+ALERT_APP = "tests.support.alert_apps"
+HEARTBEAT_FREQ = 2.0  # Celery's default worker heartbeat
+HEARTBEAT_GRACE = 2.0  # state.heartbeat_grace_seconds default
+TICK = 1.0  # the sidecar evaluates time-based alerts about once a second
+
+
+# -- the pieces of a story --------------------------------------------------------------------
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    with fake_slack() as server:
+        yield server
+
+
+def producer(broker_url: str) -> Celery:
+    """The application side: sends tasks by name, with task-sent events (so alerts know the queue)."""
+    app = Celery("producer", broker=broker_url, set_as_current=False)
+    app.conf.update(task_send_sent_event=True, broker_connection_retry_on_startup=True)
+    return app
+
+
+def write_config(path: Path, alerts: dict[str, Any] | None = None, **top: Any) -> Path:
+    path.write_text(yaml.safe_dump({**top, "alerts": alerts or {}}))
+    return path
+
+
+def slack_env(slack: FakeSlack) -> dict[str, str]:
+    return {"SLACK_WEBHOOK_URL": slack.webhook_url}
+
+
+def watching(side: SidecarProcess, worker_name: str, timeout: float = 20) -> str:
+    """Wait until the sidecar sees the worker's heartbeats; return the worker's hostname."""
+
+    def up() -> str | None:
+        _, body = side.health()
+        return next((h for h, s in body["workers"].items() if h.startswith(f"{worker_name}@") and s == "up"), None)
+
+    try:
+        return wait_for(up, timeout=timeout, what=f"worker {worker_name} up in /health")
+    except TimeoutError:
+        raise AssertionError(f"the sidecar never saw {worker_name}:\n{side.log()[-3000:]}") from None
+
+
+def headline(request: Request) -> str:
+    """The first line of the message's text: "[SEVERITY] title"."""
+    return request.body.get("text", "").splitlines()[0]
+
+
+def messages(slack: FakeSlack, title: str) -> list[Request]:
+    return [r for r in slack.accepted() if title in headline(r)]
+
+
+def wait_messages(slack: FakeSlack, title: str, count: int = 1, timeout: float = 20,
+                  side: SidecarProcess | None = None) -> list[Request]:
+    try:
+        wait_for(lambda: len(messages(slack, title)) >= count, timeout=timeout, interval=0.05,
+                 what=f"{count} Slack message(s) titled {title!r}")
+    except TimeoutError:
+        seen = [headline(r) for r in slack.accepted()]
+        log = f"\n--- sidecar log ---\n{side.log()[-4000:]}" if side else ""
+        raise AssertionError(f"no {count}x {title!r} in Slack; got {seen}{log}") from None
+    return messages(slack, title)
+
+
+def mentioning(slack: FakeSlack, text: str) -> list[Request]:
+    return [r for r in slack.accepted() if text in json.dumps(r.body)]
+
+
+def settled(*sides: SidecarProcess, timeout: float = 20) -> None:
+    """Every alert the sidecars took on is delivered."""
+    for side in sides:
+        side.wait_metric("celery_sidecar_alerts_pending", lambda v: v == 0, timeout=timeout)
+
+
+def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
+    try:
+        wait_for(predicate, timeout=timeout, interval=0.1)
+    except TimeoutError:
+        return False
+    return True
+
+
+def quiet_for(seconds: float, predicate: Callable[[], bool]) -> bool:
+    """True if predicate stays false for `seconds` (for "and nothing else happens")."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return False
+        time.sleep(0.1)
+    return True
+
+
+class FailureClock:
+    """Listens to the event stream like any monitor, and notes when each task-failed was sent."""
+
+    def __init__(self, broker_url: str) -> None:
+        self._app = Celery("failure-clock", broker=broker_url, set_as_current=False)
+        self.failed_at: dict[str, float] = {}  # task id -> the worker's event timestamp (time.time())
+        self.listening = threading.Event()
+        self._receiver = None
+        self._thread = threading.Thread(target=self._run, name="failure-clock", daemon=True)
+
+    def __enter__(self) -> FailureClock:
+        self._thread.start()
+        # Any event (heartbeats come every 2 s) proves the subscription is live.
+        assert self.listening.wait(15), "the event receiver saw no events"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        with self._app.connection_for_read() as conn:
+            self._receiver = self._app.events.Receiver(conn, handlers={"*": self._on_event})
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self.listening.set()
+        if event["type"] == "task-failed":
+            self.failed_at[event["uuid"]] = float(event["timestamp"])
+
+
+# -- a failed task ----------------------------------------------------------------------------
+
+
+def test_a_failed_task_gives_one_slack_message_with_what_on_call_needs(redis_srv, slack, sidecar, worker,
+                                                                       tmp_path):
+    config = write_config(tmp_path / "sidecar.yml", {"flower_url": "https://flower.example.com/"})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
+    host = watching(side, "payments")
+
+    result = producer(redis_srv.url).send_task(
+        "alerting.charge_card", args=["order-1001"], kwargs={"card_token": "secret-kwarg-42"}
+    )
+
+    [message] = wait_messages(slack, "Task failed: alerting.charge_card", side=side)
+    settled(side)
+    assert len(slack.accepted()) == 1, [headline(r) for r in slack.accepted()]
+    text = message.body["text"]
+    assert headline(message) == "[WARNING] Task failed: alerting.charge_card"
+    assert f"Task ID: {result.id}" in text
+    assert "Exception: PaymentDeclined" in text
+    assert "card declined for order order-1001" in text
+    assert f"Worker: {host}" in text
+    assert "Queue: celery" in text
+    assert "Retries: 0" in text
+    assert text.count("Traceback (most recent call last):") == 1
+    # The blocks carry the first lines of the traceback, down to the frame that raised.
+    code = [b["text"]["text"] for b in message.body["blocks"] if b["type"] == "section"
+            and "text" in b and b["text"]["text"].startswith("```")]
+    assert len(code) == 1 and "in charge_card" in code[0] and "PaymentDeclined: card declined" in code[0]
+    flower = f"https://flower.example.com/task/{result.id}"
+    assert flower in text
+    assert any(e.get("url") == flower for b in message.body["blocks"] for e in b.get("elements", []))
+    # Arguments may hold secrets or personal data: left out unless the operator opts in.
+    for request in slack.requests:
+        assert "secret-kwarg-42" not in json.dumps(request.body)
+        assert "card_token" not in json.dumps(request.body)
+    assert "Args:" not in text and "Kwargs:" not in text
+    assert side.metrics().get("celery_sidecar_alerts_sent_total", channel="webhook") == 1
+
+
+def test_with_include_args_the_message_shows_args_kwargs_and_the_retry_count(redis_srv, slack, sidecar, worker,
+                                                                             tmp_path):
+    config = write_config(tmp_path / "sidecar.yml", {"include_args": True})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
+    watching(side, "payments")
+    app = producer(redis_srv.url)
+
+    plain = app.send_task("alerting.charge_card", args=["order-7"], kwargs={"card_token": "secret-kwarg-42"})
+    retried = app.send_task("alerting.charge_card_with_retries", args=["order-8"])
+
+    wait_messages(slack, "Task failed: alerting.charge_card", count=2, side=side)
+    [failed] = mentioning(slack, plain.id)
+    [failed_after_retries] = mentioning(slack, retried.id)
+    settled(side)
+    assert "secret-kwarg-42" in failed.body["text"] and "order-7" in failed.body["text"]
+    assert "Args: " in failed.body["text"] and "Kwargs: " in failed.body["text"]
+    # max_retries=2: the final failure is the third run, after two retries.
+    assert "Retries: 2" in failed_after_retries.body["text"], failed_after_retries.body["text"]
+    assert len(slack.accepted()) == 2
+
+
+# -- latency ----------------------------------------------------------------------------------
+
+
+def test_alert_latency_from_task_failure_to_slack_is_measured_over_many_failures(redis_srv, slack, sidecar,
+                                                                                  worker, tmp_path):
+    failures = 60
+    # One message per failure: no storm folding, and no pacing slower than the failures come.
+    config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 0, "rate_limit_per_second": 50})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
+    watching(side, "payments")
+    app = producer(redis_srv.url)
+
+    with FailureClock(redis_srv.url) as clock:
+        ids = []
+        for i in range(failures):  # about 10 failures a second, as a bad deploy would produce
+            ids.append(app.send_task("alerting.charge_card", args=[f"order-{i}"]).id)
+            time.sleep(0.1)
+        wait_for(lambda: len(mentioning(slack, "Task failed")) >= failures, timeout=30,
+                 what=f"{failures} failure messages")
+        settled(side)
+        wait_for(lambda: all(i in clock.failed_at for i in ids), timeout=5, what="every task-failed event")
+
+    wall_minus_monotonic = time.time() - time.monotonic()
+    latencies = []
+    for task_id in ids:
+        [request] = mentioning(slack, task_id)  # exactly one message per failure
+        latencies.append(request.at + wall_minus_monotonic - clock.failed_at[task_id])
+    assert len(slack.accepted()) == failures
+    p50, p99 = statistics.median(latencies), _percentile(latencies, 0.99)
+    report = (f"alert latency, task-failed event -> fake Slack received, {failures} failures at ~10/s: "
+              f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms\n")
+    print("\n" + report)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "alert_latency.txt").write_text(report)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# -- a failure storm --------------------------------------------------------------------------
+
+SUMMARY = re.compile(r"\+(\d+) more of alerting\.charge_card: PaymentDeclined in the last 10 s")
+
+
+def test_a_storm_of_500_failures_gives_one_message_and_summaries_with_exact_counts(redis_srv, slack, sidecar,
+                                                                                  worker, tmp_path):
+    # 500 failures within a minute; a 10 s storm window (instead of 60 s) makes the summary
+    # come round more than once while the test stays short.
+    config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 10, "rate_limit_per_second": 20})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP, concurrency=2)
+    watching(side, "payments")
+    app = producer(redis_srv.url)
+    other = app.send_task("alerting.charge_card", args=["order-x"], kwargs={"error": "GatewayTimeout"})
+
+    for batch in range(20):  # 500 failures spread over ~15 s
+        for i in range(25):
+            app.send_task("alerting.charge_card", args=[f"order-{batch}-{i}"])
+        time.sleep(0.75)
+    side.wait_metric("celery_task_failed_total", lambda v: v == 501, timeout=30, name="alerting.charge_card")
+
+    def summarized() -> int:
+        return sum(int(m[1]) for r in slack.accepted() if (m := SUMMARY.search(headline(r))))
+
+    # The last window closes storm_window + late-event slack + a tick after its last failure.
+    eventually(lambda: summarized() >= 499, timeout=25)
+    settled(side)
+    individual = [r for r in messages(slack, "Task failed: alerting.charge_card")
+                  if "Exception: PaymentDeclined" in r.body["text"]]
+    summaries = [headline(r) for r in slack.accepted() if SUMMARY.search(headline(r))]
+    assert len(individual) == 1, f"{len(individual)} individual messages for one storm; summaries: {summaries}"
+    assert summarized() == 499, f"summaries {summaries} do not add up to 499"
+    # A different exception of the same task is its own alert, not part of the storm.
+    assert len(mentioning(slack, other.id)) == 1
+    assert len(slack.accepted()) == 2 + len(summaries)
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+
+def test_a_killed_worker_pages_offline_then_back_online_and_a_graceful_stop_is_info(redis_srv, slack, sidecar,
+                                                                                    worker, tmp_path):
+    config = write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 10})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    doomed = worker(redis_srv.url, name="doomed", app=ALERT_APP, concurrency=1)
+    host = watching(side, "doomed")
+
+    killed_at = time.monotonic()
+    doomed.kill()  # SIGKILL to the whole process group: no worker-offline event
+    [offline] = wait_messages(slack, f"Worker offline: {host}", timeout=15, side=side)
+    took = offline.at - killed_at
+    deadline = 2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + TICK + 1.0  # + 1 s for delivery
+    assert took <= deadline, f"'worker offline' after {took:.1f} s (allowed {deadline:.0f} s)"
+    assert headline(offline).startswith("[CRITICAL]")
+
+    back = worker(redis_srv.url, name="doomed", app=ALERT_APP, concurrency=1)
+    [online] = wait_messages(slack, f"Worker back online: {host}", timeout=20, side=side)
+    assert headline(online).startswith("[CRITICAL] RESOLVED:")
+
+    back.stop()  # SIGTERM: a warm shutdown sends worker-offline
+    [shutdown] = wait_messages(slack, f"Worker shut down: {host}", timeout=15, side=side)
+    assert headline(shutdown).startswith("[INFO]")
+    # A graceful shutdown is not a page: no "offline" follows once heartbeats stop.
+    assert quiet_for(2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + 2 * TICK,
+                     lambda: len(messages(slack, "Worker offline")) > 1), [headline(r) for r in slack.accepted()]
+    assert [headline(r).split("] ", 1)[1] for r in slack.accepted()] == [
+        f"Worker offline: {host}", f"RESOLVED: Worker back online: {host}", f"Worker shut down: {host}",
+    ]
+
+
+# -- thresholds -------------------------------------------------------------------------------
+
+
+def test_a_queue_filled_past_100_warns_and_resolves_once_drained(redis_srv, slack, sidecar, worker, tmp_path):
+    config = write_config(
+        tmp_path / "sidecar.yml",
+        {"rate_limit_per_second": 10,
+         "rules": {"queue_length_normal": {"for_seconds": 1, "resolve_after_seconds": 2}}},
+        queues=["celery", "backlog"],
+    )
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    app = producer(redis_srv.url)
+
+    for _ in range(150):  # nothing consumes 'backlog' yet
+        app.send_task("demo.ok", queue="backlog")
+
+    [warning] = wait_messages(slack, "Queue length above normal threshold: backlog", side=side)
+    assert headline(warning).startswith("[WARNING]")
+    assert "queue backlog holds 150 messages; threshold 100" in warning.body["text"]
+    assert "Value: 150" in warning.body["text"] and "Threshold: 100" in warning.body["text"]
+
+    worker(redis_srv.url, name="drainer", queues="backlog")
+    [resolved] = wait_messages(slack, "Resolved: queue length above normal threshold: backlog", timeout=30,
+                               side=side)
+    assert resolved.at > warning.at
+    assert "backlog is back under 100" in resolved.body["text"]
+    settled(side)
+    # No flapping, and the peak threshold (1000) was never crossed.
+    assert len(mentioning(slack, "backlog")) == 2, [headline(r) for r in mentioning(slack, "backlog")]
+
+
+def test_a_task_that_keeps_retrying_crosses_the_retry_rate_threshold(redis_srv, slack, sidecar, worker, tmp_path):
+    config = write_config(
+        tmp_path / "sidecar.yml",
+        {"rate_limit_per_second": 10, "rules": {"retry_rate": {"for_seconds": 1, "resolve_after_seconds": 5}}},
+    )
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="flaky")
+    watching(side, "flaky")
+    app = producer(redis_srv.url)
+
+    for _ in range(4):  # each retries 3 times, then fails: 12 retries in 16 outcomes
+        app.send_task("demo.flaky", kwargs={"p_fail": 1.0})
+
+    [alert] = wait_messages(slack, "Retry rate above threshold: demo.flaky", timeout=30, side=side)
+    assert headline(alert).startswith("[WARNING]")
+    assert "Threshold: 5.0%" in alert.body["text"]
+    assert re.search(r"demo\.flaky retried \d+ of \d+ times \((\d+)%\)", alert.body["text"])
+    side.wait_metric("celery_task_failed_total", lambda v: v == 4, name="demo.flaky")
+    settled(side)
+    assert len(messages(slack, "Retry rate above threshold")) == 1
+
+
+# -- Slack trouble ----------------------------------------------------------------------------
+
+
+def test_slack_rate_limits_three_times_and_the_failure_still_arrives_once(redis_srv, slack, sidecar, worker,
+                                                                          tmp_path):
+    side = sidecar(redis_srv.url, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
+    watching(side, "payments")
+    slack.rate_limit(3, retry_after=1)
+
+    result = producer(redis_srv.url).send_task("alerting.charge_card", args=["order-429"])
+
+    [message] = wait_messages(slack, "Task failed: alerting.charge_card", timeout=20, side=side)
+    settled(side)
+    assert result.id in message.body["text"]
+    assert [r.status for r in slack.requests] == [429, 429, 429, 200]
+    gaps = [b.at - a.at for a, b in zip(slack.requests, slack.requests[1:], strict=False)]
+    assert all(gap >= 0.95 for gap in gaps), f"sent again before Retry-After: gaps {gaps}"
+    assert len(slack.accepted()) == 1
+    metrics = side.metrics()
+    assert metrics.get("celery_sidecar_alerts_failed_total", reason="rate_limited") == 3
+    assert metrics.get("celery_sidecar_alerts_sent_total", channel="webhook") == 1
+
+
+def test_slack_down_for_30s_with_a_sidecar_restart_loses_no_alert(redis_srv, slack, sidecar, worker, tmp_path):
+    config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 0, "rate_limit_per_second": 20})
+    args = ("--instance-id", "sidecar-1")
+    first = sidecar(redis_srv.url, *args, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
+    watching(first, "payments")
+    app = producer(redis_srv.url)
+
+    slack.down()
+    outage_began = time.monotonic()
+    ids = [app.send_task("alerting.charge_card", args=[f"order-a{i}"]).id for i in range(3)]
+    first.wait_metric("celery_sidecar_alerts_pending", lambda v: v == 3)
+    first.wait_metric("celery_sidecar_alerts_failed_total", lambda v: v >= 3, reason="connection")
+    assert first.stop() == 0, first.log()[-3000:]
+
+    second = sidecar(redis_srv.url, *args, config=config, env=slack_env(slack))
+    watching(second, "payments")
+    ids += [app.send_task("alerting.charge_card", args=[f"order-b{i}"]).id for i in range(2)]
+    second.wait_metric("celery_sidecar_alerts_pending", lambda v: v == 5)  # 3 from the outbox, 2 new
+    time.sleep(max(0.0, 30 - (time.monotonic() - outage_began)))  # the rest of the outage
+    slack.up()
+
+    # Retries back off up to 16 s by the end of a 30 s outage.
+    wait_for(lambda: all(mentioning(slack, i) for i in ids), timeout=45, what="every alert after the outage")
+    settled(second)
+    assert {i: len(mentioning(slack, i)) for i in ids} == dict.fromkeys(ids, 1)
+    assert len(slack.accepted()) == 5
+
+
+def test_two_sidecars_on_one_broker_post_every_alert_once(redis_srv, slack, sidecar, worker, tmp_path):
+    config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 0, "rate_limit_per_second": 50})
+    sides = [sidecar(redis_srv.url, "--instance-id", name, config=config, env=slack_env(slack))
+             for name in ("sidecar-a", "sidecar-b")]
+    payments = worker(redis_srv.url, name="payments", app=ALERT_APP)
+    host = next(watching(side, "payments") for side in sides[::-1])
+    app = producer(redis_srv.url)
+
+    ids = [app.send_task("alerting.charge_card", args=[f"order-{i}"]).id for i in range(20)]
+    for side in sides:  # both saw every failure, so both raised every alert
+        side.wait_metric("celery_task_failed_total", lambda v: v == 20, name="alerting.charge_card")
+    payments.stop()
+    wait_messages(slack, f"Worker shut down: {host}", side=sides[0])
+    wait_for(lambda: all(mentioning(slack, i) for i in ids), timeout=20, what="every failure in Slack")
+    settled(*sides)
+
+    assert {i: len(mentioning(slack, i)) for i in ids} == dict.fromkeys(ids, 1)
+    assert len(messages(slack, "Worker shut down")) == 1
+    assert len(slack.accepted()) == 21
+    sent = [side.metrics().sum("celery_sidecar_alerts_sent_total") for side in sides]
+    assert sum(sent) == 21, f"sent per sidecar: {sent}"
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+def test_a_threshold_edited_in_the_file_changes_alerting_without_a_restart(redis_srv, slack, sidecar, tmp_path):
+    alerts = {"rate_limit_per_second": 10,
+              "rules": {"queue_length_normal": {"for_seconds": 1, "resolve_after_seconds": 2}}}
+    path = tmp_path / "sidecar.yml"
+    config = write_config(path, alerts, queues=["backlog"],
+                          thresholds={"queue_length": {"normal": 200, "peak": 1000}})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    app = producer(redis_srv.url)
+    for _ in range(150):
+        app.send_task("demo.ok", queue="backlog")
+    side.wait_metric("celery_queue_length", lambda v: v == 150, queue_name="backlog")
+
+    # 150 is under 200: for longer than the rule's for_seconds, nothing is sent.
+    assert quiet_for(1 + 3 * TICK, lambda: bool(slack.requests)), [headline(r) for r in slack.accepted()]
+
+    write_config(path, alerts, queues=["backlog"], thresholds={"queue_length": {"normal": 100, "peak": 1000}})
+    side.wait_metric("celery_threshold", lambda v: v == 100, signal="queue_length", level="normal",
+                     queue_name="backlog")
+    [warning] = wait_messages(slack, "Queue length above normal threshold: backlog", side=side)
+    assert "queue backlog holds 150 messages; threshold 100" in warning.body["text"]
+    assert side.proc.poll() is None  # the same process: no restart
+    assert side.health()[1]["config"]["valid"] is True
+
+
+def config_check(path: Path, webhook_url: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "SIDECAR_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    if webhook_url is not None:
+        env["SLACK_WEBHOOK_URL"] = webhook_url
+    return subprocess.run([sys.executable, "-m", "monitor", "config", "check", str(path)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_config_check_names_a_broken_template(tmp_path):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "task_failed.json.j2").write_text('[{"type": "header", {% if alert.title %}]\n')
+    config = write_config(tmp_path / "sidecar.yml", {"templates_dir": str(templates)})
+
+    result = config_check(config)
+
+    assert result.returncode != 0
+    assert "task_failed.json.j2" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "expect"),
+    [
+        ("ftp://x", "must be a full URL"),
+        ("ftp://hooks.slack.com/services/T000/B000/s3cr3t-webhook-path", "must use https"),
+        ("http://hooks.example.com/services/T000/B000/s3cr3t-webhook-path", "only allowed to a loopback host"),
+        ("https://[::1/services/T000/B000/s3cr3t-webhook-path", "is not a valid URL"),
+    ],
+)
+def test_config_check_refuses_a_bad_webhook_url_without_echoing_it(tmp_path, url, expect):
+    config = write_config(tmp_path / "sidecar.yml")
+
+    result = config_check(config, webhook_url=url)
+
+    assert result.returncode != 0
+    assert expect in result.stderr, result.stderr
+    assert "SLACK_WEBHOOK_URL" in result.stderr
+    assert "s3cr3t-webhook-path" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_config_check_accepts_a_good_file_and_webhook(tmp_path, slack):
+    config = write_config(tmp_path / "sidecar.yml", {"flower_url": "https://flower.example.com"})
+    result = config_check(config, webhook_url=slack.webhook_url)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert slack.requests == []  # checking does not post anything

@@ -1,0 +1,152 @@
+"""The sidecar on RabbitMQ: task counters from a real worker, queue length by passive declare.
+
+RabbitMQ is shared (CI starts one per machine), so every queue and worker name here is
+unique to the test, assertions select series by those names, and the queues are deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from celery.events.event import get_exchange
+from kombu import Connection
+
+from tests.support.procs import SidecarProcess
+from tests.support.servers import rabbitmq_url, wait_for
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    url = rabbitmq_url()
+    if url is None:
+        pytest.fail("RabbitMQ not reachable: .ci/run installs it")
+    return url
+
+
+@pytest.fixture
+def queues(amqp_url) -> Iterator[list[str]]:
+    """Unique queue names; each is deleted from the broker after the test."""
+    names: list[str] = []
+    yield names
+    with Connection(amqp_url, connect_timeout=5) as conn:
+        for name in names:
+            with contextlib.suppress(Exception):  # never declared, or already gone
+                conn.channel().queue_delete(name)
+
+
+def unique(prefix: str, names: list[str]) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    names.append(name)
+    return name
+
+
+def client(url: str) -> Celery:
+    app = Celery("amqp-client", broker=url, set_as_current=False)
+    app.conf.update(task_send_sent_event=True, broker_connection_retry_on_startup=True)
+    return app
+
+
+def start_connected(sidecar, url: str, config: Path | None = None) -> SidecarProcess:
+    proc = sidecar(url, config=config)
+    wait_for(lambda: proc.health()[0] == 200, timeout=20, what="the sidecar to connect to RabbitMQ")
+    return proc
+
+
+def wait_probe_rounds(proc: SidecarProcess, rounds: int) -> None:
+    """Wait until the queue probe has run ``rounds`` more times (its reading's age drops)."""
+    seen = {"age": None, "rounds": 0}
+
+    def another_round() -> bool:
+        age = proc.metrics().get("celery_queue_probe_age_seconds")
+        if age is not None and seen["age"] is not None and age < seen["age"]:
+            seen["rounds"] += 1
+        seen["age"] = age
+        return seen["rounds"] >= rounds
+
+    wait_for(another_round, timeout=15, what=f"{rounds} more queue probe rounds")
+
+
+def test_tasks_on_rabbitmq_are_counted_per_queue_and_the_worker_is_a_consumer(amqp_url, queues, sidecar, worker):
+    queue = unique("t", queues)
+    proc = start_connected(sidecar, amqp_url)
+    assert proc.health()[1]["broker"]["intake"] == "stock"
+    name = f"amqp-{uuid.uuid4().hex[:6]}"
+    worker(amqp_url, name=name, queues=queue)
+
+    app = client(amqp_url)
+    for _ in range(3):
+        app.send_task("demo.ok", kwargs={"x": 2, "y": 3}, queue=queue)
+    app.send_task("demo.fail", kwargs={"reason": "amqp says no"}, queue=queue)
+
+    proc.wait_metric("celery_task_succeeded_total", lambda v: v == 3, timeout=45, name="demo.ok", queue_name=queue)
+    proc.wait_metric("celery_task_failed_total", lambda v: v == 1, timeout=30, name="demo.fail", queue_name=queue)
+    metrics = proc.metrics()
+    assert metrics.sum("celery_task_sent_total", queue_name=queue) == 4
+    assert metrics.sum("celery_task_started_total", queue_name=queue) == 4
+    failed = metrics.all("celery_task_failed_total", queue_name=queue)
+    assert [dict(labels)["exception"] for labels in failed] == ["DemoError"]
+    hosts = {dict(labels)["hostname"] for labels in metrics.all("celery_task_succeeded_total", queue_name=queue)}
+    assert len(hosts) == 1 and hosts.pop().startswith(f"{name}@")
+
+    # The queue was discovered from task-sent routing info and probed by passive declare:
+    # drained, with the worker as its one consumer.
+    proc.wait_metric("celery_active_consumer_count", lambda v: v == 1, timeout=15, queue_name=queue)
+    assert proc.metrics().get("celery_queue_length", queue_name=queue) == 0
+
+
+def test_queue_length_and_consumers_of_an_unconsumed_queue_and_a_missing_one(amqp_url, queues, sidecar, tmp_path):
+    waiting, missing = unique("q", queues), unique("missing", queues)
+    app = client(amqp_url)
+    for i in range(7):
+        app.send_task("demo.ok", kwargs={"x": i}, queue=waiting)  # declares the queue; nobody consumes it
+
+    config = tmp_path / "sidecar.yml"
+    config.write_text(f"queues: [{waiting}, {missing}]\n")
+    proc = start_connected(sidecar, amqp_url, config=config)
+
+    proc.wait_metric("celery_queue_length", lambda v: v == 7, timeout=15, queue_name=waiting)
+    proc.wait_metric("celery_queue_length", lambda v: v == 0, timeout=15, queue_name=missing)
+    # Several more probe rounds (0.5 s apart), each asking about the missing queue again.
+    wait_probe_rounds(proc, 3)
+
+    metrics = proc.metrics()
+    assert metrics.get("celery_queue_length", queue_name=waiting) == 7
+    assert metrics.get("celery_active_consumer_count", queue_name=waiting) == 0
+    assert metrics.get("celery_queue_length", queue_name=missing) == 0
+    assert metrics.get("celery_active_consumer_count", queue_name=missing) == 0
+    assert metrics.get("celery_sidecar_probe_errors_total", probe="queue_length") == 0
+    # Reading a queue is passive: the missing one was not created by probing it.
+    with Connection(amqp_url, connect_timeout=5) as conn, pytest.raises(conn.channel_errors):
+        conn.channel().queue_declare(missing, passive=True)
+    assert proc.health()[0] == 200
+
+
+def test_an_undecodable_event_message_on_rabbitmq_is_skipped_without_dropping_the_connection(amqp_url, sidecar):
+    """The stock EventReceiver path: bytes that are not JSON are counted and skipped.
+
+    They must not be treated as a broker failure: a reconnect re-declares the event
+    queue under a new name, so every event published during the backoff is lost.
+    """
+    proc = start_connected(sidecar, amqp_url)
+    app = client(amqp_url)
+    marker = f"amqp.after_{uuid.uuid4().hex[:8]}"
+    with app.connection_for_write() as conn:
+        exchange = get_exchange(conn)
+        producer = conn.Producer()
+        producer.publish(b"\x00\xffnot json{{", exchange=exchange, routing_key="task.sent",
+                         content_type="application/json", content_encoding="utf-8", declare=[exchange])
+        producer.publish(b"\x80\x04K\x01.", exchange=exchange, routing_key="task.sent",
+                         content_type="application/x-python-serialize", content_encoding="binary")
+        with app.events.Dispatcher(conn, hostname="prod@amqp", enabled=True, buffer_while_offline=False) as d:
+            d.send("task-sent", uuid=str(uuid.uuid4()), name=marker, queue="celery")
+
+    proc.wait_metric("celery_task_sent_total", lambda v: v == 1, timeout=20, name=marker)
+    metrics = proc.metrics()
+    assert metrics.get("celery_sidecar_events_skipped_total", reason="undecodable") == 2
+    assert metrics.get("celery_sidecar_reconnects_total") == 0
+    assert proc.health()[0] == 200
