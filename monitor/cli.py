@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -92,11 +93,14 @@ def broker_option(required: bool = True):
 @click.option("--slack-channel", envvar="SLACK_CHANNEL", show_envvar=True, help="Default channel for the bot token.")
 @click.option("--slack-api-url", envvar="SLACK_API_URL", show_envvar=True,
               help="Slack-compatible API base URL (proxies, tests).")
-@click.option("--state-dir", envvar="SIDECAR_STATE_DIR", default=".", show_default=True, show_envvar=True,
+@click.option("--state-dir", envvar="SIDECAR_STATE_DIR", show_envvar=True,
+              default=lambda: Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+              / "celery-sidecar", show_default="$XDG_STATE_HOME/celery-sidecar",
               type=click.Path(file_okay=False, path_type=Path),
               help="Where the alert outbox lives when the broker is not Redis.")
-@click.option("--instance-id", envvar="SIDECAR_INSTANCE_ID", default=socket.gethostname(), show_envvar=True,
-              help="Name of this sidecar among redundant ones.")
+@click.option("--instance-id", envvar="SIDECAR_INSTANCE_ID", default=lambda: f"{socket.gethostname()}:{os.getpid()}",
+              show_default="host:pid", show_envvar=True,
+              help="Unique name of this sidecar among redundant ones (alert claims).")
 @click.option("--log-level", envvar="SIDECAR_LOG_LEVEL", default="info", show_default=True, show_envvar=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def run(broker_url: str, config_path: Path | None, log_level: str, **opts) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -102,11 +104,15 @@ class Metrics:
 
 class SidecarProcess(Process):
     def __init__(self, broker_url: str, *args: str, config: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wait_connected: bool = True) -> None:
+        """Start the sidecar; by default wait until it is subscribed, so no event is missed."""
         self.port = free_port()
+        self.state_dir = tempfile.mkdtemp(prefix="sidecar-state-")
+        self._wait_connected = wait_connected
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "monitor", "run", "--broker-url", broker_url, "--port", str(self.port),
-               "--probe-interval", "0.5", "--inspect-interval", "2", "--probe-timeout", "2", *args]
+               "--probe-interval", "0.5", "--inspect-interval", "2", "--probe-timeout", "2",
+               "--state-dir", self.state_dir, *args]
         if config is not None:
             cmd += ["--config", str(config)]
         super().__init__("sidecar", cmd, _env(**(env or {})))
@@ -119,7 +125,13 @@ class SidecarProcess(Process):
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
-        return httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503)
+        code = httpx.get(f"{self.url}/health", timeout=2).status_code
+        return code == 200 or (code == 503 and not self._wait_connected)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        code = super().stop(timeout)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return code
 
     def metrics(self) -> Metrics:
         return Metrics(httpx.get(f"{self.url}/metrics", timeout=5).text)
