@@ -163,3 +163,19 @@ def test_metrics_and_health_endpoints(redis_srv, sidecar):
                              ({"signal": "retry_ratio"}, 0.05),
                              ({"signal": "queue_length", "level": "peak", "queue_name": "celery"}, 1000)]:
         assert side.metrics().get("celery_threshold", **threshold) == value, threshold
+
+
+def test_ovalmoney_compat_family_for_dashboard_11497(redis_srv, sidecar, worker):
+    side = sidecar(redis_srv.url, "--compat", "ovalmoney", "--namespace", "shop")
+    worker(redis_srv.url, name="w1")
+    app = producer(redis_srv.url)
+    for _ in range(2):
+        app.send_task("demo.ok")
+    app.send_task("demo.fail")
+    side.wait_metric("celery_tasks_total", lambda v: v == 2, name="demo.ok", state="SUCCESS", namespace="shop")
+    metrics = side.metrics()
+    assert metrics.get("celery_tasks_total", name="demo.fail", state="FAILURE", queue="celery") == 1
+    assert metrics.get("celery_tasks_runtime_seconds_count", name="demo.ok", namespace="shop") == 2
+    assert metrics.get("celery_tasks_latency_seconds_count", name="demo.ok", namespace="shop") == 2
+    assert metrics.get("celery_workers", namespace="shop") == 1
+    wait_for(lambda: "latency source: task-sent events arrive" in side.log(), timeout=5, what="latency source log")
