@@ -110,6 +110,12 @@ class AlertEngine(Sink):
             storm.suppressed += 1
             storm.last = update
             return
+        if storm is not None and storm.suppressed and update.timestamp < storm.window_start + 2 * window:
+            # The storm goes on: summarise the window that ended and count this failure in the next.
+            self._flush_storm(group, storm)
+            storm.window_start += window
+            storm.suppressed, storm.last = 1, update
+            return
         if storm is not None:
             self._flush_storm(group, storm)
         if len(self.storms) >= MAX_STORMS:
@@ -154,7 +160,7 @@ class AlertEngine(Sink):
         last = storm.last
         self.dispatcher.submit(
             Alert(
-                key=f"failure_summary:{storm.opened_by}",
+                key=f"failure_summary:{storm.opened_by}:{storm.window_start:.3f}",
                 group=f"task_failed:{storm.opened_by}",
                 kind="failure_summary",
                 status="firing",

@@ -180,8 +180,10 @@ class Poller:
 
     def stop(self) -> None:
         self._stop.set()
+        # An inspect broadcast waits out its reply timeout; the threads are daemons, so a
+        # short join is enough and shutdown does not wait for a broadcast nobody reads.
         for thread in self._threads:
-            thread.join(self._timeout + 2)
+            thread.join(0.5)
         if self._probe is not None:
             self._probe.close()
 
@@ -199,6 +201,8 @@ class Poller:
             self.readings.queues = {**self.readings.queues, **readings}
             self.readings.at = time.time()
         except Exception as exc:  # noqa: BLE001 - any broker error: count, keep last value
+            if self._stop.is_set():
+                return  # shutting down: the client may be closed under us
             self.readings.failed("queue_length")
             log.warning("queue length probe failed: %s", _short(exc))
 

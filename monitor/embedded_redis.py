@@ -66,6 +66,15 @@ class EmbeddedRedis:
             finally:
                 client.close()
 
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop and start again on the same port: a broker restart."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()

@@ -21,6 +21,7 @@ from celery import Celery
 from celery.events.receiver import EventReceiver
 
 from monitor.pipeline import Pipeline
+from monitor.redis_stream import endpoint_for, stream_events
 from monitor.status import Status
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class Intake:
         self.pipeline = pipeline
         self.status = status
         self.app = make_app(broker_url, transport_options)
-        self.use_fast_path = fast_path and urlparse(broker_url).scheme == "redis"
+        # The fast path serves plain redis:// URLs; TLS, sentinel and sockets use kombu.
+        self.use_fast_path = fast_path and endpoint_for(broker_url, transport_options) is not None
         status.intake = "redis-fast" if self.use_fast_path else "stock"
         status.broker = redact(broker_url)
 
@@ -154,8 +156,6 @@ class Intake:
                 pass
 
     def _consume_fast(self, stop: threading.Event) -> None:
-        from monitor.redis_stream import stream_events
-
         def ready() -> None:
             self._connected()
             self.wakeup_workers()

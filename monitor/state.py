@@ -7,7 +7,8 @@ here has a stated bound:
 - in-flight tasks: LRU of ``state.max_tasks`` records (finished tasks are removed);
 - workers: at most ``state.max_workers``, forgotten ``worker_forget_seconds`` after they go;
 - retry/latency windows: fixed-size rings per task name (names capped by the exporter's cap)
-  and per task class.
+  and per task class;
+- discovered queues: 1000; task name -> queue map: 10,000 names.
 
 Worker liveness uses the *local* receive time of heartbeats, so clock skew between
 workers and the sidecar cannot make a live worker look dead.
@@ -32,6 +33,7 @@ TASK_KINDS = ("sent", "received", "started", "succeeded", "failed", "retried", "
 FINAL_KINDS = frozenset(("succeeded", "failed", "rejected", "revoked"))
 RESOURCE_EVENT = "worker-resources"  # sent by monitor.plugin.ResourceUsage
 UNKNOWN = "unknown"
+MAX_LEARNED_NAMES = 10_000
 _EXC_CLASS = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*[(:]?")
 
 
@@ -45,6 +47,7 @@ class TaskRecord:
     eta_at: float | None = None
     received_at: float | None = None
     retries: int = 0
+    retried: int = 0  # task-retried events seen; fills in when events carry no retries field
     args: str | None = None
     kwargs: str | None = None
 
@@ -128,6 +131,9 @@ class State:
             c: SampleWindow(limits.latency_window_seconds) for c in ("normal", "heavy")
         }
         self.discovered_queues: dict[str, float] = {}  # queue -> last seen (bounded below)
+        # task name -> queue, learned from task-sent: the queue of a task whose own task-sent
+        # arrived late (a worker's batched events can overtake it) or not at all.
+        self.queue_of_name: dict[str, str] = {}
         self._table = {
             "task-sent": self._task_sent,
             "task-received": self._task_received,
@@ -181,7 +187,7 @@ class State:
             uuid=rec.uuid,
             name=rec.name,
             hostname=host,
-            queue=rec.queue or UNKNOWN,
+            queue=rec.queue or self.queue_of_name.get(rec.name, UNKNOWN),
             timestamp=float(event["timestamp"]),
             retries=rec.retries,
         )
@@ -193,6 +199,8 @@ class State:
         if queue:
             rec.queue = queue
             self._saw_queue(queue)
+            if len(self.queue_of_name) < MAX_LEARNED_NAMES or rec.name in self.queue_of_name:
+                self.queue_of_name[rec.name] = queue
         rec.sent_at = float(event["timestamp"])
         rec.eta_at = _parse_eta(event.get("eta"))
         rec.retries = int(event.get("retries") or 0)
@@ -256,7 +264,9 @@ class State:
         self._saw_task_event(rec.hostname)
         update = self._update("retried", rec, event)
         update.exception, update.exception_message = split_exception(event.get("exception"))
-        rec.retries += 1
+        # The retry's task-received (with the authoritative `retries`) may arrive before this event.
+        rec.retried += 1
+        rec.retries = max(rec.retries, rec.retried)
         self._retry_window(rec.name).add(event["local_received"], hit=True)
         return update
 

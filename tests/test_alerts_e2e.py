@@ -196,26 +196,37 @@ def test_a_failed_task_gives_one_slack_message_with_what_on_call_needs(redis_srv
     assert side.metrics().get("celery_sidecar_alerts_sent_total", channel="webhook") == 1
 
 
-def test_with_include_args_the_message_shows_args_kwargs_and_the_retry_count(redis_srv, slack, sidecar, worker,
-                                                                             tmp_path):
+def test_with_include_args_the_message_shows_args_and_kwargs(redis_srv, slack, sidecar, worker, tmp_path):
     config = write_config(tmp_path / "sidecar.yml", {"include_args": True})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
     watching(side, "payments")
-    app = producer(redis_srv.url)
 
-    plain = app.send_task("alerting.charge_card", args=["order-7"], kwargs={"card_token": "secret-kwarg-42"})
-    retried = app.send_task("alerting.charge_card_with_retries", args=["order-8"])
+    result = producer(redis_srv.url).send_task(
+        "alerting.charge_card", args=["order-7"], kwargs={"card_token": "secret-kwarg-42"}
+    )
 
-    wait_messages(slack, "Task failed: alerting.charge_card", count=2, side=side)
-    [failed] = mentioning(slack, plain.id)
-    [failed_after_retries] = mentioning(slack, retried.id)
+    [message] = wait_messages(slack, "Task failed: alerting.charge_card", side=side)
     settled(side)
-    assert "secret-kwarg-42" in failed.body["text"] and "order-7" in failed.body["text"]
-    assert "Args: " in failed.body["text"] and "Kwargs: " in failed.body["text"]
-    # max_retries=2: the final failure is the third run, after two retries.
-    assert "Retries: 2" in failed_after_retries.body["text"], failed_after_retries.body["text"]
-    assert len(slack.accepted()) == 2
+    assert result.id in message.body["text"]
+    assert re.search(r"^  Args: .*'order-7'", message.body["text"], re.M), message.body["text"]
+    assert "Kwargs: {'card_token': 'secret-kwarg-42'}" in message.body["text"]
+    assert len(slack.accepted()) == 1
+
+
+def test_a_task_that_fails_after_two_retries_reports_two_retries(redis_srv, slack, sidecar, worker):
+    side = sidecar(redis_srv.url, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
+    watching(side, "payments")
+
+    result = producer(redis_srv.url).send_task("alerting.charge_card_with_retries", args=["order-8"])
+
+    [message] = wait_messages(slack, "Task failed: alerting.charge_card_with_retries", side=side)
+    settled(side)
+    assert result.id in message.body["text"]
+    # max_retries=2: the task ran three times and was retried twice.
+    assert "Retries: 2" in message.body["text"], message.body["text"]
+    assert len(slack.accepted()) == 1
 
 
 # -- latency ----------------------------------------------------------------------------------
@@ -262,40 +273,66 @@ def _percentile(values: list[float], q: float) -> float:
 
 # -- a failure storm --------------------------------------------------------------------------
 
-SUMMARY = re.compile(r"\+(\d+) more of alerting\.charge_card: PaymentDeclined in the last 10 s")
+
+def summaries(slack: FakeSlack, window: int) -> list[int]:
+    """The "+N more of ..." counts of the storm summaries that reached Slack."""
+    pattern = re.compile(rf"\+(\d+) more of alerting\.charge_card: PaymentDeclined in the last {window} s")
+    return [int(m[1]) for r in slack.accepted() if (m := pattern.search(headline(r)))]
+
+
+def storm_openers(slack: FakeSlack) -> list[Request]:
+    return [r for r in messages(slack, "Task failed: alerting.charge_card")
+            if "Exception: PaymentDeclined" in r.body["text"]]
 
 
 def test_a_storm_of_500_failures_gives_one_message_and_summaries_with_exact_counts(redis_srv, slack, sidecar,
                                                                                   worker, tmp_path):
-    # 500 failures within a minute; a 10 s storm window (instead of 60 s) makes the summary
-    # come round more than once while the test stays short.
+    # 500 failures within a minute. A 10 s storm window (instead of 60 s) keeps the test short
+    # and makes the storm outlast one window, so the summary has to come round again.
     config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 10, "rate_limit_per_second": 20})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
-    worker(redis_srv.url, name="payments", app=ALERT_APP, concurrency=2)
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
     watching(side, "payments")
     app = producer(redis_srv.url)
     other = app.send_task("alerting.charge_card", args=["order-x"], kwargs={"error": "GatewayTimeout"})
 
-    for batch in range(20):  # 500 failures spread over ~15 s
+    for batch in range(20):  # 500 failures over ~12 s
         for i in range(25):
             app.send_task("alerting.charge_card", args=[f"order-{batch}-{i}"])
-        time.sleep(0.75)
+        time.sleep(0.6)
     side.wait_metric("celery_task_failed_total", lambda v: v == 501, timeout=30, name="alerting.charge_card")
 
-    def summarized() -> int:
-        return sum(int(m[1]) for r in slack.accepted() if (m := SUMMARY.search(headline(r))))
-
-    # The last window closes storm_window + late-event slack + a tick after its last failure.
-    eventually(lambda: summarized() >= 499, timeout=25)
+    # The last window closes storm_window + 1 s for late events + a tick after it opened.
+    eventually(lambda: sum(summaries(slack, 10)) >= 499, timeout=20)
     settled(side)
-    individual = [r for r in messages(slack, "Task failed: alerting.charge_card")
-                  if "Exception: PaymentDeclined" in r.body["text"]]
-    summaries = [headline(r) for r in slack.accepted() if SUMMARY.search(headline(r))]
-    assert len(individual) == 1, f"{len(individual)} individual messages for one storm; summaries: {summaries}"
-    assert summarized() == 499, f"summaries {summaries} do not add up to 499"
+    counts, openers = summaries(slack, 10), storm_openers(slack)
+    assert len(openers) == 1, f"{len(openers)} individual messages for one storm; summaries {counts}"
+    assert sum(counts) == 499, f"summaries {counts} do not add up to 499"
     # A different exception of the same task is its own alert, not part of the storm.
     assert len(mentioning(slack, other.id)) == 1
-    assert len(slack.accepted()) == 2 + len(summaries)
+    assert len(slack.accepted()) == 2 + len(counts)
+
+
+def test_a_storm_that_pauses_and_resumes_reports_every_window(redis_srv, slack, sidecar, worker, tmp_path):
+    config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 8, "rate_limit_per_second": 20})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="payments", app=ALERT_APP)
+    watching(side, "payments")
+    app = producer(redis_srv.url)
+
+    for i in range(100):
+        app.send_task("alerting.charge_card", args=[f"order-a{i}"])
+    eventually(lambda: summaries(slack, 8) == [99], timeout=20)
+    assert summaries(slack, 8) == [99], [headline(r) for r in slack.accepted()]
+    # The first window is summarized; the storm goes on in the next one.
+    for i in range(100):
+        app.send_task("alerting.charge_card", args=[f"order-b{i}"])
+    side.wait_metric("celery_task_failed_total", lambda v: v == 200, name="alerting.charge_card")
+
+    eventually(lambda: sum(summaries(slack, 8)) >= 199, timeout=15)
+    settled(side)
+    assert summaries(slack, 8) == [99, 100], [headline(r) for r in slack.accepted()]
+    assert len(storm_openers(slack)) == 1
 
 
 # -- workers ----------------------------------------------------------------------------------
@@ -442,7 +479,7 @@ def test_two_sidecars_on_one_broker_post_every_alert_once(redis_srv, slack, side
     sides = [sidecar(redis_srv.url, "--instance-id", name, config=config, env=slack_env(slack))
              for name in ("sidecar-a", "sidecar-b")]
     payments = worker(redis_srv.url, name="payments", app=ALERT_APP)
-    host = next(watching(side, "payments") for side in sides[::-1])
+    [host] = {watching(side, "payments") for side in sides}
     app = producer(redis_srv.url)
 
     ids = [app.send_task("alerting.charge_card", args=[f"order-{i}"]).id for i in range(20)]

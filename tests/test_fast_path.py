@@ -81,7 +81,8 @@ BROKEN_ENVELOPES: list[tuple[bytes, str]] = [
 def _recorded_stream() -> tuple[list[Message], int]:
     """A fixed stream: realistic traffic (batched lists, utcoffset != 0) with malformed
     messages spliced in. Returns (messages, well-formed events)."""
-    generator = TrafficGenerator(Shape(seed=7, utcoffset=SENDER_UTCOFFSET, heartbeat_freq=0.05))
+    generator = TrafficGenerator(Shape(seed=7, utcoffset=SENDER_UTCOFFSET, heartbeat_freq=0.05,
+                                       start=1_700_000_000.0))
     messages = list(generator.messages(400))
     for i, (payload, _) in enumerate(MALFORMED):
         messages.insert(10 + i * 37, _raw(payload))
@@ -180,7 +181,7 @@ def _stock_events(payloads: list[bytes], now: float) -> list[dict]:
 
 
 def test_decoder_yields_the_dicts_event_receiver_yields() -> None:
-    generator = TrafficGenerator(Shape(seed=3, utcoffset=SENDER_UTCOFFSET))
+    generator = TrafficGenerator(Shape(seed=3, utcoffset=SENDER_UTCOFFSET, start=1_700_000_000.0))
     payloads = [m.payload for m in generator.messages(300)]
     assert any(m.startswith(b'{"body": "W') for m in payloads), "expected some list bodies"
     ours: list[dict] = []
@@ -192,7 +193,7 @@ def test_decoder_yields_the_dicts_event_receiver_yields() -> None:
     assert len(ours) == generator.totals.events
     assert ours == _stock_events(payloads, now=42.0)
     # utcoffset was applied, with celery's arithmetic: ts - (sender offset - our offset) * 3600.
-    sent_at = Shape().start + generator.totals.events / 10_000
+    sent_at = generator.start + generator.totals.events / 10_000
     assert ours[-1]["timestamp"] == pytest.approx(sent_at - (SENDER_UTCOFFSET - utcoffset()) * 3600, abs=5)
 
 
@@ -364,3 +365,32 @@ def test_logical_clock_follows_event_receiver() -> None:
     decoder.feed(_envelope(sent))
     decoder.feed(_envelope({"type": "worker-heartbeat", "hostname": "w", "timestamp": 1.0}))
     assert [e["clock"] for e in events] == [10, 10, 13]
+
+
+def test_an_idle_subscription_is_pinged_and_stays_up(redis: RedisServer) -> None:
+    """health_check_interval (as kombu reads it) makes an idle reader PING; pongs are not events."""
+    received: list[dict] = []
+    skipped: list[str] = []
+    errors: list[BaseException] = []
+    stop, ready = threading.Event(), threading.Event()
+
+    def run() -> None:
+        try:
+            stream_events(redis.url, {"health_check_interval": 0.2}, received.append, skipped.append, stop,
+                          ready.set)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        time.sleep(2.0)  # several PING/pong rounds
+        app = Celery(broker=redis.url, set_as_current=False)
+        with app.connection_for_write() as conn:
+            EventDispatcher(conn, hostname="w1@h", app=app).send("worker-heartbeat", freq=2.0)
+        wait_for(lambda: received, timeout=5, what="the heartbeat")
+        assert (errors, skipped, [e["type"] for e in received]) == ([], [], ["worker-heartbeat"])
+    finally:
+        stop.set()
+        thread.join(5)

@@ -1,0 +1,1 @@
+"""The ingest benchmark: `python -m tests.bench --help` (see docs/performance.md)."""

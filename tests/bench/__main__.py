@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 from tests.bench import scenarios
 from tests.bench.report import Row, machine, render
@@ -35,16 +37,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="also drain the flood with bare counting consumers (EventReceiver and the fast "
                         "reader, no state or metrics): the ceiling of each path")
     p.add_argument("--drain-tasks", type=int, default=None,
-                   help="tasks in the flood (default 100k, quick 15k)")
+                   help="tasks in the flood (default 100k, quick 25k; short floods read low)")
     p.add_argument("--rate", type=float, default=10_000, help="events/s of the loss test")
     p.add_argument("--duration", type=float, default=None,
-                   help="seconds of the loss test (default 60, quick 8)")
+                   help="seconds of the loss test (default 60, quick 6)")
     p.add_argument("--memory-tasks", type=int, default=None,
-                   help="tasks streamed through the sidecar before RSS is read (default 1M, quick 30k)")
+                   help="tasks streamed through the sidecar before RSS is read (default 1M, quick 20k)")
     p.add_argument("--scrape-shape", default="200x20x5", help="task names x workers x queues in the state")
     p.add_argument("--cpu-tasks-per-s", type=float, default=1_000, help="task rate of the CPU test")
     p.add_argument("--cpu-seconds", type=float, default=None,
-                   help="length of the CPU test (default 30, quick 6)")
+                   help="length of the CPU test (default 30, quick 5)")
     p.add_argument("--profile", metavar="FILE",
                    help="record the fast-path drain with py-spy (raw collapsed stacks) into FILE and "
                         "print the functions that take the most time")
@@ -57,103 +59,143 @@ def _progress(message: str) -> None:
     print(message, flush=True)
 
 
+@dataclass
+class Plan:
+    """The sizes of one run, from the command line (``--quick`` picks the small defaults)."""
+
+    args: argparse.Namespace
+    only: set[str]
+    drain_tasks: int
+    duration: float
+    memory_tasks: int
+    cpu_seconds: float
+    scrape: tuple[int, int, int]  # task names, workers, queues
+    config: str  # sidecar config file
+    extra: list[str] = field(default_factory=list)  # extra `monitor run` arguments
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, config_dir: str) -> Plan:
+        quick = args.quick
+        names, workers, queues = (int(x) for x in args.scrape_shape.split("x"))
+        plan = cls(
+            args=args,
+            only=set(args.only.split(",")),
+            drain_tasks=args.drain_tasks or (25_000 if quick else 100_000),
+            duration=args.duration or (6.0 if quick else 60.0),
+            memory_tasks=args.memory_tasks or (20_000 if quick else 1_000_000),
+            cpu_seconds=args.cpu_seconds or (5.0 if quick else 30.0),
+            scrape=(names, workers, queues),
+            config=_bench_config(config_dir, names),
+            extra=list(args.sidecar_arg),
+        )
+        if importlib.util.find_spec("alerts.engine") is None and "--no-alerts" not in plan.extra:
+            plan.extra.append("--no-alerts")
+            plan.notes.append("alerts.engine is not in this checkout: the sidecar runs with --no-alerts")
+        return plan
+
+    def sidecar(self, fast_path: bool = True) -> scenarios.TargetFactory:
+        return lambda url: Sidecar(url, fast_path=fast_path, config=self.config, extra=tuple(self.extra))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    quick = args.quick
-    only = set(args.only.split(","))
-    drain_tasks = args.drain_tasks or (15_000 if quick else 100_000)
-    duration = args.duration or (8.0 if quick else 60.0)
-    memory_tasks = args.memory_tasks or (30_000 if quick else 1_000_000)
-    cpu_seconds = args.cpu_seconds or (6.0 if quick else 30.0)
-    names, workers, queues = (int(x) for x in args.scrape_shape.split("x"))
-
-    extra = list(args.sidecar_arg)
-    notes = []
-    if importlib.util.find_spec("alerts.engine") is None and "--no-alerts" not in extra:
-        extra.append("--no-alerts")
-        notes.append("alerts.engine is not in this checkout: the sidecar runs with --no-alerts")
-    config = _bench_config(names)
-
-    def sidecar(fast_path: bool = True):
-        return lambda url: Sidecar(url, fast_path=fast_path, config=config, extra=tuple(extra))
-
-    _progress(f"celery-sidecar ingest benchmark{' (quick)' if quick else ''}: {machine()}")
-    rows: list[Row] = []
-    started = time.monotonic()
-
-    if "drain" in only:
-        _progress(f"[drain] building {drain_tasks:,} tasks of traffic ...")
-        messages, totals = build(drain_tasks, Shape(seed=11))
-        _progress(f"[drain] {totals.events:,} events in {totals.messages:,} messages "
-                  f"({totals.events / drain_tasks:.2f} events/task); flooding the paused consumer")
-        fast = scenarios.drain(sidecar(True), messages, totals.events, _progress, profile=args.profile)
-        met = fast.rate >= TARGETS["drain"] and fast.counted == totals.events
-        rows.append(Row("drain rate, sidecar (fast path)", f"{fast.rate:,.0f} events/s",
-                        f">= {TARGETS['drain']:,}", met))
-        _check_complete(rows, fast)
-        if args.compare_stock:
-            if sidecar_supports_no_fast_path():
-                stock = scenarios.drain(sidecar(False), messages, totals.events, _progress)
-            else:
-                notes.append("`monitor run` has no --no-fast-path: compared with a bare EventReceiver")
-                stock = scenarios.drain(lambda url: CountingConsumer("stock", url), messages, totals.events,
-                                        _progress)
-            rows.append(Row(f"drain rate, {stock.label}", f"{stock.rate:,.0f} events/s"))
-            _check_complete(rows, stock)
-            ratio = fast.rate / stock.rate if stock.rate else float("inf")
-            rows.append(Row("ratio fast / stock (the figure that counts)", f"{ratio:.2f}x"))
-        if args.bare:
-            for mode in ("fast", "stock"):
-                bare = scenarios.drain(lambda url, mode=mode: CountingConsumer(mode, url), messages,
-                                       totals.events, _progress)
-                rows.append(Row(f"drain rate, {bare.label} (count only)", f"{bare.rate:,.0f} events/s"))
-        del messages
-
-    if "loss" in only:
-        tasks = int(args.rate * duration / 4.2) + 1
-        _progress(f"[loss] building ~{args.rate * duration:,.0f} events ({tasks:,} tasks) ...")
-        messages, totals = build(tasks, Shape(seed=12, rate=args.rate))
-        _progress(f"[loss] publishing {totals.events:,} events at {args.rate:,.0f}/s "
-                  f"with Redis' default pubsub limits ...")
-        result = scenarios.loss(sidecar(True), messages, totals.events, args.rate, _progress)
-        rows.append(Row(f"events lost at {result.rate:,.0f}/s for {result.duration:.0f} s",
-                        f"{result.lost:,} of {result.published:,}", "0", result.lost == 0))
-        rows.append(Row("  Redis output-buffer disconnects / sidecar reconnects",
-                        f"{result.disconnects} / {result.reconnects}", "0", result.reconnects == 0))
-        del messages
-
-    if "memory" in only:
-        _progress(f"[memory] streaming {memory_tasks:,} tasks through the sidecar ...")
-        mem = scenarios.memory(sidecar(True), memory_tasks, _progress)
-        rows.append(Row(f"RSS after {memory_tasks:,} tasks ({mem.events:,} events)", f"{mem.final_mb:.1f} MB",
-                        f"<= {TARGETS['rss_mb']} MB", mem.final_mb <= TARGETS["rss_mb"]))
-        rows.append(Row("  RSS change over the second half", f"{mem.growth_mb:+.1f} MB", "flat"))
-
-    if "scrape" in only:
-        shape = Shape(seed=13, task_names=names, workers=workers,
-                      queues=tuple(f"queue{i}" for i in range(queues)), cover_all_workers=True)
-        tasks = names * workers * (1 if quick else 3)
-        _progress(f"[scrape] populating {names} names x {workers} workers x {queues} queues "
-                  f"({tasks:,} tasks)")
-        scr = scenarios.scrape(sidecar(True), shape, tasks, 5 if quick else 20, _progress)
-        rows.append(Row(f"/metrics, {names} names x {workers} workers x {queues} queues",
-                        f"{scr.median_ms:.0f} ms median, {scr.max_ms:.0f} ms max "
-                        f"({scr.series_bytes / 1e6:.1f} MB, {scr.series:,} samples)",
-                        f"<= {TARGETS['scrape_ms']} ms", scr.median_ms <= TARGETS["scrape_ms"]))
-
-    if "cpu" in only:
-        _progress(f"[cpu] {args.cpu_tasks_per_s:,.0f} tasks/s for {cpu_seconds:.0f} s ...")
-        c = scenarios.cpu(sidecar(True), args.cpu_tasks_per_s, cpu_seconds, _progress)
-        rows.append(Row(f"CPU at {c.tasks_per_s:,.0f} tasks/s ({c.events_per_s:,.0f} events/s)",
-                        f"{c.percent:.1f} % of a core", f"< {TARGETS['cpu_percent']} %",
-                        c.percent < TARGETS["cpu_percent"]))
-
+    config_dir = tempfile.mkdtemp(prefix="sidecar-bench-config-")
+    try:
+        plan = Plan.from_args(args, config_dir)
+        _progress(f"celery-sidecar ingest benchmark{' (quick)' if args.quick else ''}: {machine()}")
+        started = time.monotonic()
+        rows: list[Row] = []
+        for name, measure in (("drain", _drain), ("loss", _loss), ("memory", _memory), ("scrape", _scrape),
+                              ("cpu", _cpu)):
+            if name in plan.only:
+                rows += measure(plan)
+    finally:
+        shutil.rmtree(config_dir, ignore_errors=True)
     print()
     print(render(rows))
-    for note in notes:
+    for note in plan.notes:
         print(f"note: {note}")
     print(f"({time.monotonic() - started:.0f} s; timings on a shared machine are noisy: compare ratios)")
     return 0 if all(r.met is not False for r in rows) else 1
+
+
+def _drain(plan: Plan) -> list[Row]:
+    args = plan.args
+    _progress(f"[drain] building {plan.drain_tasks:,} tasks of traffic ...")
+    messages, totals = build(plan.drain_tasks, Shape(seed=11))
+    _progress(f"[drain] {totals.events:,} events in {totals.messages:,} messages "
+              f"({totals.events / plan.drain_tasks:.2f} events/task); flooding the paused consumer")
+    fast = scenarios.drain(plan.sidecar(True), messages, totals.events, _progress, profile=args.profile)
+    met = fast.rate >= TARGETS["drain"] and fast.counted == totals.events
+    rows = [Row("drain rate, sidecar (fast path)", f"{fast.rate:,.0f} events/s", f">= {TARGETS['drain']:,}",
+                met)]
+    _check_complete(rows, fast)
+    if args.compare_stock:
+        if sidecar_supports_no_fast_path():
+            stock = scenarios.drain(plan.sidecar(False), messages, totals.events, _progress)
+        else:
+            plan.notes.append("`monitor run` has no --no-fast-path: compared with a bare EventReceiver")
+            stock = scenarios.drain(lambda url: CountingConsumer("stock", url), messages, totals.events,
+                                    _progress)
+        rows.append(Row(f"drain rate, {stock.label}", f"{stock.rate:,.0f} events/s"))
+        _check_complete(rows, stock)
+        ratio = fast.rate / stock.rate if stock.rate else float("inf")
+        rows.append(Row("ratio fast / stock (the figure that counts)", f"{ratio:.2f}x"))
+    if args.bare:
+        for mode in ("fast", "stock"):
+            bare = scenarios.drain(lambda url, mode=mode: CountingConsumer(mode, url), messages,
+                                   totals.events, _progress)
+            rows.append(Row(f"drain rate, {bare.label} (count only)", f"{bare.rate:,.0f} events/s"))
+    return rows
+
+
+def _loss(plan: Plan) -> list[Row]:
+    rate = plan.args.rate
+    tasks = int(rate * plan.duration / 4.2) + 1
+    _progress(f"[loss] building ~{rate * plan.duration:,.0f} events ({tasks:,} tasks) ...")
+    messages, totals = build(tasks, Shape(seed=12, rate=rate))
+    _progress(f"[loss] publishing {totals.events:,} events at {rate:,.0f}/s, default Redis pubsub limits")
+    result = scenarios.loss(plan.sidecar(True), messages, totals.events, rate, _progress)
+    return [
+        Row(f"events lost at {result.rate:,.0f}/s for {result.duration:.0f} s",
+            f"{result.lost:,} of {result.published:,}", "0", result.lost == 0),
+        Row("  Redis output-buffer disconnects / sidecar reconnects",
+            f"{result.disconnects} / {result.reconnects}", "0", result.reconnects == 0),
+    ]
+
+
+def _memory(plan: Plan) -> list[Row]:
+    _progress(f"[memory] streaming {plan.memory_tasks:,} tasks through the sidecar ...")
+    mem = scenarios.memory(plan.sidecar(True), plan.memory_tasks, _progress)
+    return [
+        Row(f"RSS after {plan.memory_tasks:,} tasks ({mem.events:,} events)", f"{mem.final_mb:.1f} MB",
+            f"<= {TARGETS['rss_mb']} MB", mem.final_mb <= TARGETS["rss_mb"]),
+        Row("  RSS change over the second half of the stream", f"{mem.growth_mb:+.1f} MB", "flat",
+            abs(mem.growth_mb) < 5),
+    ]
+
+
+def _scrape(plan: Plan) -> list[Row]:
+    names, workers, queues = plan.scrape
+    shape = Shape(seed=13, task_names=names, workers=workers,
+                  queues=tuple(f"queue{i}" for i in range(queues)), cover_all_workers=True)
+    tasks = names * workers * (1 if plan.args.quick else 3)
+    _progress(f"[scrape] populating {names} names x {workers} workers x {queues} queues ({tasks:,} tasks)")
+    scr = scenarios.scrape(plan.sidecar(True), shape, tasks, 3 if plan.args.quick else 20, _progress)
+    return [Row(f"/metrics, {names} names x {workers} workers x {queues} queues",
+                f"{scr.median_ms:.0f} ms median, {scr.max_ms:.0f} ms max "
+                f"({scr.series_bytes / 1e6:.1f} MB, {scr.series:,} samples)",
+                f"<= {TARGETS['scrape_ms']} ms", scr.median_ms <= TARGETS["scrape_ms"])]
+
+
+def _cpu(plan: Plan) -> list[Row]:
+    rate = plan.args.cpu_tasks_per_s
+    _progress(f"[cpu] {rate:,.0f} tasks/s for {plan.cpu_seconds:.0f} s ...")
+    c = scenarios.cpu(plan.sidecar(True), rate, plan.cpu_seconds, _progress)
+    return [Row(f"CPU at {c.tasks_per_s:,.0f} tasks/s ({c.events_per_s:,.0f} events/s)",
+                f"{c.percent:.1f} % of a core", f"< {TARGETS['cpu_percent']} %",
+                c.percent < TARGETS["cpu_percent"])]
 
 
 def _check_complete(rows: list[Row], drain: scenarios.Drain) -> None:
@@ -162,9 +204,9 @@ def _check_complete(rows: list[Row], drain: scenarios.Drain) -> None:
                         "all", False))
 
 
-def _bench_config(task_names: int) -> str:
+def _bench_config(directory: str, task_names: int) -> str:
     """A config whose caps admit the scrape test's task names (the default cap is 500)."""
-    path = os.path.join(tempfile.mkdtemp(prefix="sidecar-bench-config-"), "sidecar.yml")
+    path = os.path.join(directory, "sidecar.yml")
     with open(path, "w") as f:
         f.write(f"cardinality:\n  max_task_names: {max(500, task_names + 10)}\n")
     return path

@@ -53,15 +53,12 @@ class Loss:
 class Memory:
     tasks: int
     events: int
-    samples: list[tuple[int, float]]  # (tasks so far, RSS MB)
-
-    @property
-    def final_mb(self) -> float:
-        return self.samples[-1][1]
+    samples: list[tuple[int, float]]  # (tasks so far, RSS MB) while streaming
+    final_mb: float  # once everything is consumed and /metrics was scraped
 
     @property
     def growth_mb(self) -> float:
-        """RSS change over the second half of the run: ~0 when memory is bounded."""
+        """RSS change over the second half of the stream: ~0 when memory is bounded."""
         half = [mb for tasks, mb in self.samples if tasks >= self.tasks // 2]
         return half[-1] - half[0] if len(half) > 1 else 0.0
 
@@ -210,8 +207,7 @@ def memory(factory: TargetFactory, tasks: int, progress: Progress, chunk: int = 
             publisher.wait_replies(timeout=120)
             publisher.close()
             _wait_consumed(server, target, base + generator.totals.events)
-            samples.append((tasks, target.ps.memory_info().rss / 1e6))
-            return Memory(tasks, generator.totals.events, samples)
+            return Memory(tasks, generator.totals.events, samples, target.ps.memory_info().rss / 1e6)
         finally:
             target.stop()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,15 +66,16 @@ class Target:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGCONT)
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        """Stop the process and remove its working directory."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class CountingConsumer(Target):
@@ -107,6 +109,8 @@ class Sidecar(Target):
             argv.append("--no-fast-path")
         label = "sidecar" + ("" if fast_path else " (stock EventReceiver)")
         super().__init__(label=label, argv=argv + list(extra))
+        # Anything the sidecar writes (an alert outbox on non-Redis brokers) stays in our workdir.
+        self.argv += ["--state-dir", self.workdir]
 
     @property
     def metrics_url(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -76,7 +77,7 @@ class Shape:
     heartbeat_freq: float = 2.0
     utcoffset: float = 0.0  # the senders' utcoffset field (hours, celery's sign convention)
     rate: float = 10_000.0  # events/s of traffic time, for timestamps only
-    start: float = 1_700_000_000.0
+    start: float | None = None  # first timestamp; None: now, so the sidecar sees live traffic
     seed: int = 0
     cover_all_workers: bool = False  # scrape-test shape: every (name, worker) pair is seen
 
@@ -97,7 +98,8 @@ class TrafficGenerator:
         self.totals = Totals()
         self._rng = random.Random(shape.seed)
         self._clock = 0
-        self._now = shape.start
+        self.start = time.time() if shape.start is None else shape.start
+        self._now = self.start
         self._tick = 1.0 / shape.rate
         self._names = [f"bench.task_{i:03d}" for i in range(shape.task_names)]
         self._workers = [f"worker{i:02d}@bench-host" for i in range(shape.workers)]
@@ -105,7 +107,7 @@ class TrafficGenerator:
         self._batching = {w: i < batched for i, w in enumerate(self._workers)}
         self._buffers: dict[str, list[dict]] = {w: [] for w in self._workers}
         self._flush_at = {w: self._rng.randint(2, BATCH_LIMIT) for w in self._workers}
-        self._next_heartbeat = shape.start
+        self._next_heartbeat = self.start
         self._pids = {w: 1000 + i for i, w in enumerate(self._workers)}
 
     # -- public -------------------------------------------------------------------------

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-import redis
+from monitor.embedded_redis import EmbeddedRedis, free_port, redis_binary
 
-from monitor.embedded_redis import free_port, redis_binary
+__all__ = ["RedisServer", "free_port", "rabbitmq_url", "redis_server", "wait_for"]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
@@ -40,62 +36,17 @@ def redis_cli_binary() -> str:
     return redis_binary("redis-cli")
 
 
-@dataclass
-class RedisServer:
-    port: int
-    process: subprocess.Popen
-    workdir: str
-    extra_args: tuple[str, ...] = ()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-    def restart(self, down_seconds: float = 0.0) -> None:
-        """Stop and start again on the same port (a broker restart)."""
-        self.stop()
-        time.sleep(down_seconds)
-        self.process = _spawn_redis(self.port, self.workdir, self.extra_args)
-        _wait_redis(self.port)
-
-
-def _spawn_redis(port: int, workdir: str, extra_args: tuple[str, ...]) -> subprocess.Popen:
-    args = [
-        redis_server_binary(),
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", workdir, "--logfile", os.path.join(workdir, "redis.log"), *extra_args,
-    ]
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_redis(port: int) -> None:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
-    wait_for(client.ping, timeout=10, what=f"redis-server on port {port}")
+RedisServer = EmbeddedRedis
 
 
 @contextmanager
-def redis_server(*extra_args: str) -> Iterator[RedisServer]:
-    workdir = tempfile.mkdtemp(prefix="sidecar-redis-")
-    port = free_port()
-    server = RedisServer(port, _spawn_redis(port, workdir, extra_args), workdir, extra_args)
+def redis_server(*extra_args: str) -> Iterator[EmbeddedRedis]:
+    """A private redis-server on a free port; ``restart()`` simulates a broker restart."""
+    server = EmbeddedRedis(None, *extra_args).start()
     try:
-        _wait_redis(port)
         yield server
     finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.cleanup()
 
 
 RABBITMQ_URL_ENV = "SIDECAR_TEST_AMQP_URL"
