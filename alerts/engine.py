@@ -76,6 +76,7 @@ class AlertEngine(Sink):
         self.storms: dict[tuple[str, str], _Storm] = {}
         self.breaches: dict[tuple[str, str], _Breach] = {}
         self.offline_groups: dict[str, str] = {}
+        self._failures_on = config.alerts.rules.task_failed.enabled  # read per event: cached
 
     @property
     def rules(self):
@@ -89,13 +90,14 @@ class AlertEngine(Sink):
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
+        self._failures_on = config.alerts.rules.task_failed.enabled
         self.dispatcher.update_config(config.alerts)
 
     # -- events -----------------------------------------------------------------------
 
     def on_update(self, update: Update) -> None:
         if type(update) is TaskUpdate:
-            if update.kind == "failed" and self.rules.task_failed.enabled:
+            if update.kind == "failed" and self._failures_on:
                 self._task_failed(update)
         elif update.kind == "offline" and update.reason == "shutdown":
             self._worker_shutdown(update)

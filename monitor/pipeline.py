@@ -32,11 +32,19 @@ class Sink:
 class Pipeline:
     def __init__(self, state: State, sinks: list[Sink] | None = None, clock: Callable[[], float] = time.time):
         self.state = state
-        self.sinks: list[Sink] = list(sinks or [])
+        self.sinks: list[Sink] = []
+        self._update_sinks: list[Sink] = []  # only sinks that act per event: the hot path
+        for sink in sinks or []:
+            self.add_sink(sink)
         self.lock = threading.RLock()
         self.clock = clock
         self.connected = False
         self._sink_errors_logged = 0
+
+    def add_sink(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+        if type(sink).on_update is not Sink.on_update:
+            self._update_sinks.append(sink)
 
     def handle(self, event: Any) -> None:
         counters = self.state.counters
@@ -67,7 +75,7 @@ class Pipeline:
                 if type(ts) is float or type(ts) is int:
                     counters.last_event_lag = max(0.0, received - ts)
             if update is not None:
-                for sink in self.sinks:
+                for sink in self._update_sinks:
                     try:
                         sink.on_update(update)
                     except Exception:  # noqa: BLE001 - one bad sink must not stop the stream

@@ -86,8 +86,8 @@ class Sidecar:
             timeout=settings.probe_timeout,
         )
         self.alerts = self._build_alerts() if settings.alerts else None
+        # event_metrics is not registered: /metrics renders it with its fast exposition.
         for collector in (
-            self.event_metrics,
             WorkerCollector(self.pipeline),
             QueueCollector(self.poller.readings),
             ThresholdCollector(lambda: self.config, self._known_queues),
@@ -97,7 +97,9 @@ class Sidecar:
         if "ovalmoney" in settings.compat:
             self.registry.register(OvalMoneyCollector(self.event_metrics, self.pipeline, settings.namespace))
         ProcessCollector(registry=self.registry)
-        self.http = HttpServer(settings.bind, settings.port, self.registry, self.health)
+        self.http = HttpServer(
+            settings.bind, settings.port, self.registry, self.health, self.event_metrics.exposition
+        )
         self.reloader = (
             ConfigReloader(settings.config_path, self.apply_config, self.status, settings.reload_interval)
             if settings.config_path
@@ -123,7 +125,7 @@ class Sidecar:
             instance_id=self.settings.instance_id,
         )
         engine = AlertEngine(self.config, self.state, dispatcher, self.poller.readings)
-        self.pipeline.sinks.append(engine)
+        self.pipeline.add_sink(engine)
         return engine
 
     # -- lifecycle ------------------------------------------------------------------
