@@ -573,3 +573,32 @@ def test_config_check_accepts_a_good_file_and_webhook(tmp_path, slack):
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
     assert slack.requests == []  # checking does not post anything
+
+
+def test_worker_cpu_memory_and_latency_thresholds_fire_and_resolve_when_raised_live(redis_srv, slack, sidecar,
+                                                                                     worker, tmp_path):
+    """The worker plugin's real CPU/memory readings and real queue waits cross thresholds set
+    below them; raising the thresholds in the file resolves every alert without a restart."""
+    rules = {name: {"for_seconds": 1, "resolve_after_seconds": 1} for name in ("worker_cpu", "worker_memory",
+                                                                               "latency")}
+    low = {"worker_cpu_percent": 0.0001, "worker_memory_percent": 0.0001, "latency_seconds": {"normal": 0.0001}}
+    config = write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 20, "rules": rules}, thresholds=low)
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    worker(redis_srv.url, name="busy", env={"DEMO_RESOURCE_INTERVAL": "1"})
+    host = watching(side, "busy")
+    app = producer(redis_srv.url)
+    for _ in range(20):
+        app.send_task("demo.ok")
+
+    [cpu] = wait_messages(slack, f"Worker CPU above threshold: {host}", timeout=30, side=side)
+    [mem] = wait_messages(slack, f"Worker memory above threshold: {host}", timeout=30, side=side)
+    [latency] = wait_messages(slack, "Task latency above threshold: normal", timeout=30, side=side)
+    assert "Threshold: 0%" in cpu.body["text"] and "% CPU" in cpu.body["text"]
+    assert "% memory" in mem.body["text"]
+    assert "p95 queue wait of normal tasks" in latency.body["text"]
+
+    write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 20, "rules": rules})  # documented defaults
+    for title in (f"Resolved: worker cpu above threshold: {host}", f"Resolved: worker memory above threshold: {host}",
+                  "Resolved: task latency above threshold: normal"):
+        wait_messages(slack, title, timeout=30, side=side)
+    assert side.metrics().get("celery_threshold", signal="worker_cpu_percent") == 80
