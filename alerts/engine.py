@@ -89,9 +89,9 @@ class AlertEngine(Sink):
         self.dispatcher.stop()
 
     def reconfigure(self, config: Config) -> None:
+        self.dispatcher.update_config(config.alerts)  # raises ValueError on a bad template: keep the old
         self.config = config
         self._failures_on = config.alerts.rules.task_failed.enabled
-        self.dispatcher.update_config(config.alerts)
 
     # -- events -----------------------------------------------------------------------
 

@@ -59,7 +59,12 @@ class ConfigReloader:
             log.error("config edit refused, previous config stays live:\n%s", exc)
             self._status.reload_result(False, str(exc))
             return False
-        self._apply(config)
+        try:
+            self._apply(config)
+        except ValueError as exc:  # e.g. an alert template that does not render
+            log.error("config edit refused, previous config stays live:\n%s: %s", self._path, exc)
+            self._status.reload_result(False, f"{self._path}: {exc}")
+            return False
         self._status.reload_result(True)
         log.info("config reloaded from %s: %s", self._path, describe_thresholds(config))
         return True

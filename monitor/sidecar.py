@@ -169,12 +169,13 @@ class Sidecar:
     # -- shared reads and updates -------------------------------------------------------
 
     def apply_config(self, config: Config) -> None:
+        """Swap in a new config; ValueError (bad alert templates or channels) changes nothing."""
         with self.pipeline.lock:
+            if self.alerts is not None:
+                self.alerts.reconfigure(config)  # validates first: raises before anything changed
             self.config = config
             self.state.reconfigure(config)
             self.event_metrics.reconfigure(config)
-            if self.alerts is not None:
-                self.alerts.reconfigure(config)
 
     def _known_queues(self) -> list[str]:
         with self.pipeline.lock:

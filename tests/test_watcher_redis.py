@@ -179,3 +179,19 @@ def test_ovalmoney_compat_family_for_dashboard_11497(redis_srv, sidecar, worker)
     assert metrics.get("celery_tasks_latency_seconds_count", name="demo.ok", namespace="shop") == 2
     assert metrics.get("celery_workers", namespace="shop") == 1
     wait_for(lambda: "latency source: task-sent events arrive" in side.log(), timeout=5, what="latency source log")
+
+
+def test_an_edit_with_a_broken_alert_template_is_refused_whole(redis_srv, sidecar, tmp_path):
+    config = tmp_path / "sidecar.yml"
+    config.write_text("thresholds: {worker_cpu_percent: 80}\n")
+    side = sidecar(redis_srv.url, config=config)
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "task_failed.json.j2").write_text('[{"type": "section", {{ broken')
+
+    # The thresholds in this edit are valid; the template is not: nothing of it may apply.
+    config.write_text(f"thresholds: {{worker_cpu_percent: 50}}\nalerts: {{templates_dir: {templates}}}\n")
+    side.wait_metric("celery_sidecar_config_reloads_total", lambda v: v == 1, result="error", timeout=10)
+    assert "task_failed.json.j2" in side.health()[1]["config"]["error"]
+    assert side.metrics().get("celery_threshold", signal="worker_cpu_percent") == 80
+    assert side.health()[0] == 200
