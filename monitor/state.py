@@ -30,7 +30,6 @@ from monitor.windows import RatioWindow, SampleWindow
 log = logging.getLogger(__name__)
 
 TASK_KINDS = ("sent", "received", "started", "succeeded", "failed", "retried", "rejected", "revoked")
-FINAL_KINDS = frozenset(("succeeded", "failed", "rejected", "revoked"))
 RESOURCE_EVENT = "worker-resources"  # sent by monitor.plugin.ResourceUsage
 UNKNOWN = "unknown"
 MAX_LEARNED_NAMES = 10_000
@@ -93,7 +92,6 @@ class WorkerRecord:
     memory_percent: float | None = None
     rss_bytes: float | None = None
     queues: tuple[str, ...] = ()
-    sw: str = ""
 
 
 @dataclass(slots=True)
@@ -161,9 +159,6 @@ class State:
         if handler is None:
             raise LookupError("unknown_type")
         return handler(event)
-
-    def handles(self, event_type: str) -> bool:
-        return event_type in self._table
 
     # -- tasks ----------------------------------------------------------------------
 
@@ -330,7 +325,6 @@ class State:
 
     def _worker_online(self, event: dict[str, Any]) -> WorkerUpdate | None:
         worker, update = self._worker(event)
-        worker.sw = f"{event.get('sw_ident', '')} {event.get('sw_ver', '')}".strip()
         # A worker that just came online has processed nothing: the baseline for telling
         # whether it works without sending task events (tasks may finish before a heartbeat).
         worker.processed_at_first_heartbeat = 0

@@ -32,10 +32,6 @@ def redis_server_binary() -> str:
     return redis_binary("redis-server")
 
 
-def redis_cli_binary() -> str:
-    return redis_binary("redis-cli")
-
-
 RedisServer = EmbeddedRedis
 
 
