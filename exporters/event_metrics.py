@@ -14,8 +14,12 @@ series (worker series keep real hostnames; they are bounded by the state's worke
 from __future__ import annotations
 
 import bisect
+import math
+import threading
+import time
 from collections.abc import Callable, Iterator
 from itertools import accumulate
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -29,6 +33,7 @@ RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 Labels = tuple[str, ...]
+LabelText = Callable[[tuple[str, ...], Labels], str]
 
 
 class CappedLabel:
@@ -51,13 +56,15 @@ class CappedLabel:
 
 
 class Histogram:
-    """Per-label-set bucket counts (non-cumulative) and sums."""
+    """Per-label-set bucket counts (non-cumulative) and sums, and their rendered text."""
 
-    __slots__ = ("bounds", "series")
+    __slots__ = ("_dirty", "_text", "bounds", "series")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.series: dict[Labels, list[float]] = {}  # [b0..bn, +Inf, sum]
+        self._text: dict[Labels, bytes] = {}
+        self._dirty: set[Labels] = set()  # series whose text is out of date
 
     def observe(self, labels: Labels, value: float) -> None:
         row = self.series.get(labels)
@@ -65,23 +72,41 @@ class Histogram:
             row = self.series[labels] = [0] * (len(self.bounds) + 1) + [0.0]  # counts..., sum
         row[bisect.bisect_left(self.bounds, value)] += 1
         row[-1] += value
+        self._dirty.add(labels)
 
-    def exposition(self, out: list[str], name: str, doc: str, label_names: tuple[str, ...],
-                   label_text: Callable[[tuple[str, ...], Labels], str]) -> None:
-        """Append the text-format lines of this histogram to ``out``.
+    def forget(self, labels: Labels) -> None:
+        del self.series[labels]
+        self._text.pop(labels, None)
 
-        One ``str.format`` call per series on a template shared by all series: the
-        C-level formatter does the per-bucket work.
+    def render(self, name: str, label_names: tuple[str, ...], label_text: LabelText) -> None:
+        """Bring the text of every changed series up to date.
+
+        A render fills the label text and the values into a list of line fragments shared
+        by all series and joins it: C-level slice assignment and join, about twice as fast
+        as ``str.format`` on a 21-field template.
         """
-        lines = [f'{name}_bucket{{{{{{0}},le="{_fmt(b)}"}}}} {{{i + 1}}}' for i, b in enumerate(self.bounds)]
-        n = len(self.bounds)
-        lines += [f'{name}_bucket{{{{{{0}},le="+Inf"}}}} {{{n + 1}}}', f"{name}_count{{{{{{0}}}}}} {{{n + 1}}}",
-                  f"{name}_sum{{{{{{0}}}}}} {{{n + 2}}}"]
-        template = "\n".join(lines) + "\n"
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} histogram\n")
-        for labels, row in list(self.series.items()):
-            counts = list(accumulate(row[:-1]))
-            out.append(template.format(label_text(label_names, labels), *counts, float(row[-1])))
+        dirty, series, text = self._dirty, self.series, self._text
+        if not dirty:
+            return
+        parts: list[str] = []
+        for edge in [*map(_fmt, self.bounds), "+Inf"]:
+            parts += [f"{name}_bucket{{", "", f',le="{edge}"}} ', "", "\n"]
+        parts += [f"{name}_count{{", "", "} ", "", "\n", f"{name}_sum{{", "", "} ", "", "\n"]
+        lines = len(parts) // 5
+        while dirty:
+            labels = dirty.pop()  # atomic: an update from now on marks the series again
+            row = series.get(labels)
+            if row is None:
+                continue
+            values = list(accumulate(row[:-1]))
+            values += (values[-1], float(row[-1]))
+            parts[1::5] = [label_text(label_names, labels)] * lines
+            parts[3::5] = map(str, values)
+            text[labels] = "".join(parts).encode()
+
+    def exposition(self, out: list[bytes], name: str, doc: str) -> None:
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} histogram\n".encode())
+        _append_text(out, self.series, self._text)
 
     def family(self, name: str, doc: str, label_names: list[str]) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(name, doc, labels=label_names)
@@ -99,11 +124,14 @@ class Histogram:
 class EventMetrics(Sink):
     def __init__(self, config: Config) -> None:
         self.counts: dict[str, dict[Labels, float]] = {kind: {} for kind in TASK_KINDS}
+        self._count_text: dict[str, dict[Labels, bytes]] = {kind: {} for kind in TASK_KINDS}
+        self._count_dirty: dict[str, set[Labels]] = {kind: set() for kind in TASK_KINDS}
         self._label_text: dict[tuple[tuple[str, ...], Labels], str] = {}
-        self._counter_prefix: dict[tuple[str, Labels], str] = {}
         self.runtime = Histogram(RUNTIME_BUCKETS)
         self.queue_wait = Histogram(WAIT_BUCKETS)
         self.latency = Histogram(WAIT_BUCKETS)
+        self._render_lock = threading.Lock()  # one render at a time: scrapes and the prerender thread
+        self._scraped_at = -math.inf
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -123,13 +151,10 @@ class EventMetrics(Sink):
         host = GENERIC_HOST if self._generic_host else update.hostname
         labels = (name, host, update.queue)
         kind = update.kind
-        if kind == "failed":
-            exc_labels = (*labels, self._exception(update.exception or "unknown"))
-            bucket = self.counts["failed"]
-            bucket[exc_labels] = bucket.get(exc_labels, 0) + 1
-        else:
-            bucket = self.counts[kind]
-            bucket[labels] = bucket.get(labels, 0) + 1
+        key = (*labels, self._exception(update.exception or "unknown")) if kind == "failed" else labels
+        bucket = self.counts[kind]
+        bucket[key] = bucket.get(key, 0) + 1
+        self._count_dirty[kind].add(key)
         if update.runtime is not None:
             self.runtime.observe(labels, update.runtime)
         if update.latency is not None:
@@ -142,11 +167,14 @@ class EventMetrics(Sink):
 
     def forget_hostname(self, hostname: str) -> None:
         """Drop every task series of a worker that is gone for good."""
-        for series in [*self.counts.values(), self.runtime.series, self.queue_wait.series]:
+        for kind, series in self.counts.items():
             for labels in [k for k in series if k[1] == hostname]:
                 del series[labels]
+                self._count_text[kind].pop(labels, None)
+        for histogram in (self.runtime, self.queue_wait):
+            for labels in [k for k in histogram.series if k[1] == hostname]:
+                histogram.forget(labels)
         self._label_text.clear()
-        self._counter_prefix.clear()
 
     def collect(self) -> Iterator[Metric]:
         """The reference rendering, through prometheus_client (see ``exposition``)."""
@@ -160,27 +188,57 @@ class EventMetrics(Sink):
             yield getattr(self, attr).family(name, doc, list(names))
 
     def exposition(self) -> bytes:
-        """The same families as ``collect()``, in the text format, about 20x faster.
+        """The same families as ``collect()``, in the text format, 20-100x faster.
 
         prometheus_client re-validates and escapes every label on every scrape (~9 µs a
         sample); 200 task names x 20 workers is ~170k samples, i.e. seconds. Here each
-        label set is rendered once and cached, so a scrape is mostly string joins.
+        series keeps its rendered text, and an update marks it for rendering again
+        (a set insert on the event path), so a scrape only renders what changed.
         """
-        out: list[str] = []
+        with self._render_lock:
+            self._scraped_at = time.monotonic()
+            self._render()
+            out: list[bytes] = []
+            for kind in TASK_KINDS:
+                name = f"celery_task_{kind}_total"
+                out.append(f"# HELP {name} {COUNTER_DOCS[kind]}\n# TYPE {name} counter\n".encode())
+                _append_text(out, self.counts[kind], self._count_text[kind])
+            for attr, name, doc, _names in HISTOGRAMS:
+                getattr(self, attr).exposition(out, name, doc)
+            return b"".join(out)
+
+    def prerender(self, warm_for: float, backlog: int) -> bool:
+        """Render what changed, ahead of the next scrape, once that is more than ``backlog``
+        histogram series (a counter line counts a tenth: it is about ten times cheaper).
+
+        Called about once a second, this bounds what a scrape has to render to about
+        ``backlog`` plus one second of changes, without rendering small or slowly changing
+        series sets more often than Prometheus scrapes them. It does nothing unless
+        something scraped in the last ``warm_for`` seconds. Returns whether it rendered.
+        """
+        if time.monotonic() - self._scraped_at > warm_for:
+            return False
+        histograms = (self.runtime, self.queue_wait, self.latency)
+        pending = sum(len(h._dirty) for h in histograms) + sum(map(len, self._count_dirty.values())) / 10
+        if pending <= backlog:
+            return False
+        with self._render_lock:
+            self._render()
+        return True
+
+    def _render(self) -> None:
         text = self._labels
-        prefixes = self._counter_prefix
         for kind in TASK_KINDS:
+            dirty, series, rendered = self._count_dirty[kind], self.counts[kind], self._count_text[kind]
             name = f"celery_task_{kind}_total"
             names = FAILED_LABELS if kind == "failed" else BASE_LABELS
-            out.append(f"# HELP {name} {COUNTER_DOCS[kind]}\n# TYPE {name} counter\n")
-            for labels, value in list(self.counts[kind].items()):
-                prefix = prefixes.get((kind, labels))
-                if prefix is None:
-                    prefix = prefixes[(kind, labels)] = f"{name}{{{text(names, labels)}}} "
-                out.append(f"{prefix}{value}\n")
-        for attr, name, doc, names in HISTOGRAMS:
-            getattr(self, attr).exposition(out, name, doc, names, text)
-        return "".join(out).encode()
+            while dirty:
+                labels = dirty.pop()  # atomic: an update from now on marks the series again
+                value = series.get(labels)
+                if value is not None:
+                    rendered[labels] = f"{name}{{{text(names, labels)}}} {value}\n".encode()
+        for attr, name, _doc, names in HISTOGRAMS:
+            getattr(self, attr).render(name, names, text)
 
     def _labels(self, names: tuple[str, ...], values: Labels) -> str:
         key = (names, values)
@@ -190,6 +248,17 @@ class EventMetrics(Sink):
                 f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)
             )
         return text
+
+
+def _append_text(out: list[bytes], series: dict[Labels, Any], text: dict[Labels, bytes]) -> None:
+    """Append the text of ``series`` in their order; text of forgotten series is dropped.
+
+    A series created after the last render has no text yet and is left to the next scrape.
+    """
+    out += filter(None, map(text.get, list(series)))
+    if len(text) > len(series):  # a render raced with forget_hostname
+        for labels in [k for k in text if k not in series]:
+            del text[labels]
 
 
 BASE_LABELS = ("name", "hostname", "queue_name")

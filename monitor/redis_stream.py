@@ -50,6 +50,14 @@ _RECV_BUFFER = 1 << 20  # one recv() may return a few thousand messages; fewer s
 # a whole megabyte at once is quadratic (5.8 us/message at 1 MB vs 0.5 us at 16 KB).
 _FEED_SLICE = 16 << 10
 _POLL_SECONDS = 0.5  # how often an idle reader checks ``stop``
+# Under light traffic a read returns a handful of messages, and each wake-up costs more per
+# event than a long batch does (about 20 us an event at 4,000 events/s vs 14 us when
+# draining). After a short read the reader lets 100 ms of traffic gather first: about a
+# quarter less CPU at 1,000 tasks/s (10-11 % of a core -> 7.5-8 %), for at most 100 ms more
+# latency. Heavy traffic keeps every read long, so this never waits; and 100 ms even at
+# 30,000 events/s is ~1.5 MB waiting in Redis, far below its 8 MB pubsub soft limit.
+_COALESCE_BELOW = 64 << 10
+_COALESCE_SECONDS = 0.1
 _DEFAULT_HEALTH_CHECK = 25.0  # kombu's default health_check_interval
 _EVENT_EXCHANGE = "celeryev"
 
@@ -304,6 +312,8 @@ def _read_loop(sock: socket.socket, reader: hiredis.Reader, decoder: EventDecode
                 elif isinstance(reply, hiredis.ReplyError):
                     raise ConnectionError(f"Redis error on the subscription: {reply}")
                 # Anything else is a PING's pong or a (p)subscribe confirmation.
+        if size < _COALESCE_BELOW:
+            stop.wait(_COALESCE_SECONDS)
 
 
 def _send(sock: socket.socket, data: bytes) -> None:

@@ -31,6 +31,11 @@ from monitor.status import Status
 
 log = logging.getLogger(__name__)
 
+# Render /metrics ahead only while someone scrapes (Prometheus scrapes every 15 s to 5 min),
+# and only when a scrape would otherwise render more than ~2,000 histogram series (~15 ms).
+PRERENDER_WARM_SECONDS = 600.0
+PRERENDER_BACKLOG = 2000
+
 
 @dataclass(frozen=True)
 class SlackSettings:
@@ -143,7 +148,8 @@ class Sidecar:
         self.poller.start()
         if self.reloader:
             self.reloader.start()
-        for name, target in (("intake", self.intake.run), ("ticker", self._tick_loop)):
+        for name, target in (("intake", self.intake.run), ("ticker", self._tick_loop),
+                             ("prerender", self._prerender_loop)):
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -165,6 +171,10 @@ class Sidecar:
     def _tick_loop(self, stop: threading.Event) -> None:
         while not stop.wait(1.0):
             self.pipeline.tick()
+
+    def _prerender_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            self.event_metrics.prerender(PRERENDER_WARM_SECONDS, PRERENDER_BACKLOG)
 
     # -- shared reads and updates -------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sys
+import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,13 +22,12 @@ def samples(text: str) -> dict[tuple[str, frozenset], float]:
     }
 
 
-def test_fast_exposition_equals_the_prometheus_client_rendering():
-    metrics = EventMetrics(Config())
-    rng = random.Random(7)
+def feed(metrics: EventMetrics, count: int, seed: int = 7, hosts: int = 3) -> None:
+    rng = random.Random(seed)
     names = ["app.ok", 'quote"d', "back\\slash", "new\nline", "ünïcode.task"]
-    for i in range(3000):
+    for i in range(count):
         kind = rng.choice(TASK_KINDS)
-        update = TaskUpdate(kind=kind, uuid=str(i), name=rng.choice(names), hostname=f"w{i % 3}@h",
+        update = TaskUpdate(kind=kind, uuid=str(i), name=rng.choice(names), hostname=f"w{i % hosts}@h",
                             queue=rng.choice(["celery", "heavy"]), timestamp=0.0,
                             exception="ValueError" if kind == "failed" else None)
         if kind == "succeeded":
@@ -35,14 +36,66 @@ def test_fast_exposition_equals_the_prometheus_client_rendering():
             update.latency, update.task_class = rng.expovariate(0.5), rng.choice(["normal", "heavy"])
         metrics.on_update(update)
 
+
+def reference(metrics: EventMetrics) -> dict[tuple[str, frozenset], float]:
     registry = CollectorRegistry()
     registry.register(metrics)
-    reference = samples(generate_latest(registry).decode())
+    return samples(generate_latest(registry).decode())
+
+
+def test_fast_exposition_equals_the_prometheus_client_rendering():
+    metrics = EventMetrics(Config())
+    feed(metrics, 3000)
+    registry = CollectorRegistry()
+    registry.register(metrics)
     fast = samples(metrics.exposition().decode())
-    assert len(reference) > 500
-    assert fast == reference
+    assert len(fast) > 500
+    assert fast == reference(metrics)
+
+    # Series keep their rendered text between scrapes; updates must replace it.
+    feed(metrics, 500, seed=8, hosts=4)
+    assert samples(metrics.exposition().decode()) == reference(metrics)
 
     metrics.forget_hostname("w1@h")  # the label cache must not resurrect forgotten series
     registry_text = generate_latest(registry).decode()
     assert samples(metrics.exposition().decode()) == samples(registry_text)
     assert "w1@h" not in metrics.exposition().decode()
+
+
+def test_prerender_only_runs_for_a_scraper_and_a_backlog():
+    metrics = EventMetrics(Config())
+    feed(metrics, 2000)
+    assert not metrics.prerender(warm_for=600, backlog=0), "nobody has scraped yet"
+    metrics.exposition()
+    feed(metrics, 2000, seed=9)
+    assert not metrics.prerender(warm_for=600, backlog=10_000), "small backlogs are left to the scrape"
+    assert metrics.prerender(warm_for=600, backlog=0)
+    assert not metrics.prerender(warm_for=600, backlog=0), "nothing changed since"
+    assert samples(metrics.exposition().decode()) == reference(metrics)
+
+
+def test_scrapes_racing_the_event_thread_lose_no_update():
+    """Scrapes and prerenders run while events arrive; the last scrape must show them all."""
+    metrics = EventMetrics(Config())
+    done = threading.Event()
+
+    def events() -> None:
+        for seed in range(20):
+            feed(metrics, 2000, seed=seed, hosts=5)
+        done.set()
+
+    thread = threading.Thread(target=events)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: in the middle of renders
+    try:
+        thread.start()
+        scrapes = 0
+        while not done.is_set():
+            metrics.exposition()
+            metrics.prerender(warm_for=600, backlog=0)
+            scrapes += 1
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert scrapes > 3
+    assert samples(metrics.exposition().decode()) == reference(metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,9 +68,12 @@ class Memory:
 class Scrape:
     series: int
     series_bytes: int
-    median_ms: float
+    median_ms: float  # state at rest: only the first scrape renders every series
     max_ms: float
     scrapes: int
+    live_ms: list[float]  # while traffic flows, one scrape per interval: most series changed
+    live_tasks_per_s: float
+    rss_mb: float
 
 
 @dataclass
@@ -212,9 +216,13 @@ def memory(factory: TargetFactory, tasks: int, progress: Progress, chunk: int = 
             target.stop()
 
 
-def scrape(factory: Callable[[str], Sidecar], shape: Shape, tasks: int, scrapes: int,
-           progress: Progress) -> Scrape:
-    """/metrics time once the state holds every (name, worker, queue) series of ``shape``."""
+def scrape(factory: Callable[[str], Sidecar], shape: Shape, tasks: int, scrapes: int, progress: Progress,
+           live: tuple[float, float, int] = (1000.0, 15.0, 4)) -> Scrape:
+    """/metrics time once the state holds every (name, worker, queue) series of ``shape``.
+
+    First at rest (``scrapes`` back to back), then with ``live`` = (tasks/s, seconds between
+    scrapes, scrapes) of traffic flowing in the same shape, as Prometheus would see it.
+    """
     with redis_server(*UNLIMITED_PUBSUB) as server:
         target = factory(server.url)
         try:
@@ -235,13 +243,45 @@ def scrape(factory: Callable[[str], Sidecar], shape: Shape, tasks: int, scrapes:
                 time.sleep(0.1)
             body = target.scrape()
             samples = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
-            return Scrape(samples, len(body), statistics.median(timings), max(timings), scrapes)
+            live_ms = _scrape_live(target, server, generator, live, progress)
+            return Scrape(samples, len(body), statistics.median(timings), max(timings), scrapes, live_ms,
+                          live[0], target.ps.memory_info().rss / 1e6)
         finally:
             target.stop()
 
 
-def cpu(factory: TargetFactory, tasks_per_s: float, seconds: float, progress: Progress) -> Cpu:
-    """Sidecar CPU (user+system, % of one core) while traffic arrives at ``tasks_per_s``."""
+def _scrape_live(target: Sidecar, server: RedisServer, generator: TrafficGenerator,
+                 live: tuple[float, float, int], progress: Progress) -> list[float]:
+    tasks_per_s, interval, scrapes = live
+    if scrapes <= 0:
+        return []
+    before = generator.totals.events
+    messages = list(generator.messages(int(tasks_per_s * interval * (scrapes + 0.5))))
+    events_per_s = (generator.totals.events - before) / (interval * (scrapes + 0.5))
+    progress(f"  scrape: {tasks_per_s:,.0f} tasks/s flowing, scraping every {interval:.0f} s, {scrapes} times")
+    publisher = Publisher(server.port)
+    sender = threading.Thread(target=lambda: [publisher.publish(b) for b in paced(messages, events_per_s)],
+                              name="bench-live-traffic", daemon=True)
+    sender.start()
+    timings = []
+    try:
+        for _ in range(scrapes):
+            time.sleep(interval)
+            seconds, _size = target.timed_scrape()
+            timings.append(seconds * 1000)
+            progress(f"  scrape under traffic: {timings[-1]:.0f} ms")
+    finally:
+        sender.join()
+        publisher.close()
+    return timings
+
+
+def cpu(factory: TargetFactory, tasks_per_s: float, seconds: float, progress: Progress,
+        scrape_interval: float = 15.0) -> Cpu:
+    """Sidecar CPU (user+system, % of one core) while traffic arrives at ``tasks_per_s``.
+
+    /metrics is scraped every ``scrape_interval`` seconds meanwhile, as Prometheus would.
+    """
     generator = TrafficGenerator(Shape(seed=2))
     messages = list(generator.messages(int(tasks_per_s * seconds)))
     events_per_s = generator.totals.events / seconds
@@ -253,12 +293,18 @@ def cpu(factory: TargetFactory, tasks_per_s: float, seconds: float, progress: Pr
             time.sleep(1.0)
             process = target.ps
             publisher = Publisher(server.port)
+            done = threading.Event()
+            scraper = threading.Thread(target=lambda: [target.scrape() for _ in iter(
+                lambda: done.wait(scrape_interval), True)], name="bench-scraper", daemon=True)
             before = _cpu_seconds(process)
             started = time.monotonic()
+            scraper.start()
             for batch in paced(messages, events_per_s):
                 publisher.publish(batch)
             elapsed = time.monotonic() - started
             used = _cpu_seconds(process) - before
+            done.set()
+            scraper.join()
             publisher.close()
             progress(f"  cpu: {generator.totals.events / elapsed:,.0f} events/s for {elapsed:.0f}s")
             return Cpu(tasks_per_s, events_per_s, elapsed, 100 * used / elapsed)
