@@ -12,8 +12,11 @@ backoff; metrics resume after a broker restart without restarting the sidecar.
 
 from __future__ import annotations
 
+import binascii
 import logging
 import threading
+from collections.abc import Callable
+from queue import Empty
 from typing import Any
 from urllib.parse import urlparse
 
@@ -37,6 +40,40 @@ def redact(url: str) -> str:
         netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
         return parsed._replace(netloc=netloc).geturl()
     return url
+
+
+def _guard_envelopes(channel: Any, skip: Callable[[str], None]) -> None:
+    """Count the two envelopes kombu's virtual transports trip over, instead of losing them.
+
+    A body that is not valid base64 raises out of ``drain_events`` (the consumer would
+    reconnect and miss whatever is published meanwhile): its decode now yields bytes that
+    fail JSON decoding, so kombu calls ``on_decode_error`` and it is counted. An envelope that
+    is not JSON is logged and dropped by the Redis channel; it is now counted too. Both hooks
+    are on this channel instance only, and are skipped where a transport lacks them (AMQP).
+    """
+    decode_body = getattr(channel, "decode_body", None)
+    if decode_body is not None:
+        def guarded_decode_body(body: Any, encoding: str | None = None) -> Any:
+            try:
+                return decode_body(body, encoding)
+            except (binascii.Error, ValueError):
+                return _UNDECODABLE_BODY
+
+        channel.decode_body = guarded_decode_body
+    receive_one = getattr(channel, "_receive_one", None)  # kombu.transport.redis.Channel
+    if receive_one is not None:
+        def counted_receive_one(client: Any) -> Any:
+            try:
+                return receive_one(client)
+            except Empty:  # raised there only for an envelope that is not JSON
+                skip("undecodable")
+                raise
+
+        channel._receive_one = counted_receive_one
+
+
+# Not UTF-8, so not JSON: kombu's decode fails and routes the message to on_decode_error.
+_UNDECODABLE_BODY = b"\xff"
 
 
 def make_app(broker_url: str, transport_options: dict[str, Any]) -> Celery:
@@ -81,6 +118,7 @@ class _GuardedReceiver(EventReceiver):
             self.should_stop = True
 
     def on_consume_ready(self, connection, channel, consumers, wakeup=True, **kwargs) -> None:
+        _guard_envelopes(channel, self._pipeline.skip)
         self._on_ready()
         super().on_consume_ready(connection, channel, consumers, wakeup=wakeup, **kwargs)
 

@@ -69,9 +69,9 @@ MALFORMED: list[tuple[bytes, str]] = [
      "malformed"),
     (_envelope({"type": "custom-unknown", "hostname": "w", "timestamp": 1.0}), "unknown_type"),
 ]
-# Broken envelopes kombu itself trips over before EventReceiver sees anything: it logs and
-# drops the first, and raises out of drain_events on the second (a reconnect). The fast
-# path counts both and carries on.
+# Broken envelopes kombu itself trips over before EventReceiver sees anything: unguarded, it
+# logs and drops the first, and raises out of drain_events on the second (a reconnect).
+# Both paths count both and carry on (the stock path through monitor/intake.py's guards).
 BROKEN_ENVELOPES: list[tuple[bytes, str]] = [
     (b"{not json", "undecodable"),
     (_envelope({}).replace(b'"body": "e30="', b'"body": "%%%not base64"'), "undecodable"),
@@ -84,7 +84,7 @@ def _recorded_stream() -> tuple[list[Message], int]:
     generator = TrafficGenerator(Shape(seed=7, utcoffset=SENDER_UTCOFFSET, heartbeat_freq=0.05,
                                        start=1_700_000_000.0))
     messages = list(generator.messages(400))
-    for i, (payload, _) in enumerate(MALFORMED):
+    for i, (payload, _) in enumerate(MALFORMED + BROKEN_ENVELOPES):
         messages.insert(10 + i * 37, _raw(payload))
     return messages, generator.totals.events
 
@@ -155,9 +155,10 @@ def test_fast_and_stock_paths_export_identical_metrics_for_the_same_stream(redis
     fast_counters = consumers[0].state.counters
     assert sum(fast_counters.events_by_type.values()) == good_events + 1  # + the good event in the bad list
     expected_skips: dict[str, int] = {}
-    for _, reason in MALFORMED:
+    for _, reason in MALFORMED + BROKEN_ENVELOPES:
         expected_skips[reason] = expected_skips.get(reason, 0) + 1
     assert fast_counters.skipped_by_reason == expected_skips
+    assert all(c.status.reconnects == 0 for c in consumers)
     assert any(line.startswith("celery_task_failed_total{") for line in fast)
     assert any(line.startswith("celery_task_retried_total{") for line in fast)
     assert any(line.startswith("celery_task_queue_wait_time_bucket{") for line in fast)
@@ -224,8 +225,9 @@ def test_pipeline_counts_every_skip_reason_of_the_fast_path() -> None:
     assert pipeline.state.counters.skipped_by_reason == expected
 
 
-def test_envelopes_kombu_trips_over_are_counted_without_a_reconnect(redis: RedisServer) -> None:
-    consumer = _Consumer(redis.url, fast_path=True)
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "stock"])
+def test_envelopes_kombu_trips_over_are_counted_without_a_reconnect(redis: RedisServer, fast_path: bool) -> None:
+    consumer = _Consumer(redis.url, fast_path=fast_path)
     consumer.thread.start()
     try:
         wait_for(lambda: consumer.status.connected, timeout=10, what="connected")
