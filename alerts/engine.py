@@ -26,7 +26,6 @@ from monitor.state import State, TaskUpdate, WorkerUpdate
 log = logging.getLogger(__name__)
 
 MAX_STORMS = 1000  # distinct (task, exception) groups tracked at once
-MIN_RETRY_SAMPLES = 10  # outcomes in the window before the retry ratio can alert
 EPISODE_BUCKET = 300.0
 LATE_EVENT_SLACK = 1.0  # seconds to wait for late events before closing a storm window
 
@@ -325,7 +324,7 @@ class AlertEngine(Sink):
         limit = t.retry_rate_percent / 100.0
         for name, window in self.state.retry_windows.items():
             hits, total = window.counts(now)
-            if total >= MIN_RETRY_SAMPLES:
+            if total >= t.retry_rate_min_outcomes:
                 ratio = hits / total
                 yield _Signal("retry_rate", name, ratio, limit,
                               f"{name} retried {hits} of {total} times ({ratio:.0%})", "ratio")

@@ -49,6 +49,9 @@ class Thresholds(_Strict):
     worker_cpu_percent: float = Field(80.0, gt=0, le=100 * 1024)
     worker_memory_percent: float = Field(70.0, gt=0, le=100)
     retry_rate_percent: float = Field(5.0, gt=0, le=100)
+    retry_rate_min_outcomes: int = Field(
+        10, ge=1, description="outcomes of a task in the retry window before its retry rate is judged"
+    )
 
 
 class Cardinality(_Strict):
