@@ -3,8 +3,9 @@
 Values live in plain dicts keyed by label tuples rather than prometheus_client
 ``Counter``/``Histogram`` children: an increment is one dict operation instead of a
 ``labels()`` lookup plus a lock, which is what lets one process keep up with tens of
-thousands of events a second (see docs/performance.md). ``collect()`` turns them into
-metric families when Prometheus scrapes.
+thousands of events a second (see docs/performance.md). ``/metrics`` serves them through
+``exposition()``, which keeps every series rendered and re-renders only what changed;
+``collect()`` is the prometheus_client rendering it is tested against.
 
 Label cardinality is capped here: task names and exception classes beyond their caps
 are exported as ``other``; ``generic_hostname`` replaces the hostname label on task
