@@ -162,6 +162,7 @@ def effective_thresholds(
         ("worker_cpu_percent", "limit", {}, t.worker_cpu_percent),
         ("worker_memory_percent", "limit", {}, t.worker_memory_percent),
         ("retry_ratio", "limit", {}, t.retry_rate_percent / 100.0),
+        ("retry_min_outcomes", "limit", {}, float(t.retry_rate_min_outcomes)),
     ]
     for queue in sorted(set(cfg.queues) | set(cfg.queue_overrides) | set(queues)):
         q = cfg.queue_thresholds(queue)

@@ -160,7 +160,7 @@ def test_metrics_and_health_endpoints(redis_srv, sidecar):
     for threshold, value in [({"signal": "latency_seconds", "level": "normal"}, 5),
                              ({"signal": "latency_seconds", "level": "heavy"}, 30),
                              ({"signal": "worker_cpu_percent"}, 80), ({"signal": "worker_memory_percent"}, 70),
-                             ({"signal": "retry_ratio"}, 0.05),
+                             ({"signal": "retry_ratio"}, 0.05), ({"signal": "retry_min_outcomes"}, 10),
                              ({"signal": "queue_length", "level": "peak", "queue_name": "celery"}, 1000)]:
         assert side.metrics().get("celery_threshold", **threshold) == value, threshold
 
