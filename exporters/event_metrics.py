@@ -75,6 +75,11 @@ class Histogram:
         row[-1] += value
         self._dirty.add(labels)
 
+    @property
+    def pending(self) -> int:
+        """Series whose text is out of date."""
+        return len(self._dirty)
+
     def forget(self, labels: Labels) -> None:
         del self.series[labels]
         self._text.pop(labels, None)
@@ -220,7 +225,7 @@ class EventMetrics(Sink):
         if time.monotonic() - self._scraped_at > warm_for:
             return False
         histograms = (self.runtime, self.queue_wait, self.latency)
-        pending = sum(len(h._dirty) for h in histograms) + sum(map(len, self._count_dirty.values())) / 10
+        pending = sum(h.pending for h in histograms) + sum(map(len, self._count_dirty.values())) / 10
         if pending <= backlog:
             return False
         with self._render_lock:

@@ -260,8 +260,11 @@ def _scrape_live(target: Sidecar, server: RedisServer, generator: TrafficGenerat
     events_per_s = (generator.totals.events - before) / (interval * (scrapes + 0.5))
     progress(f"  scrape: {tasks_per_s:,.0f} tasks/s flowing, scraping every {interval:.0f} s, {scrapes} times")
     publisher = Publisher(server.port)
-    sender = threading.Thread(target=lambda: [publisher.publish(b) for b in paced(messages, events_per_s)],
-                              name="bench-live-traffic", daemon=True)
+    def send() -> None:
+        for batch in paced(messages, events_per_s):
+            publisher.publish(batch)
+
+    sender = threading.Thread(target=send, name="bench-live-traffic", daemon=True)
     sender.start()
     timings = []
     try:
@@ -294,8 +297,12 @@ def cpu(factory: TargetFactory, tasks_per_s: float, seconds: float, progress: Pr
             process = target.ps
             publisher = Publisher(server.port)
             done = threading.Event()
-            scraper = threading.Thread(target=lambda: [target.scrape() for _ in iter(
-                lambda: done.wait(scrape_interval), True)], name="bench-scraper", daemon=True)
+
+            def scrape_until_done() -> None:
+                while not done.wait(scrape_interval):
+                    target.scrape()
+
+            scraper = threading.Thread(target=scrape_until_done, name="bench-scraper", daemon=True)
             before = _cpu_seconds(process)
             started = time.monotonic()
             scraper.start()
