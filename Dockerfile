@@ -19,19 +19,15 @@ FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    SIDECAR_TEMPLATES_DIR=/opt/celery-sidecar \
     SIDECAR_BIND=0.0.0.0 \
     SIDECAR_PORT=9808
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin sidecar \
     # Volume mount points owned by the user, so fresh named volumes are writable by `render`.
-    && mkdir -p /out/nginx /out/prometheus /out/grafana/provisioning /out/alertmanager \
+    && mkdir -p /out/nginx /out/prometheus /out/grafana/provisioning /out/grafana/dashboards /out/alertmanager \
         /var/lib/celery-sidecar \
     && chown -R sidecar:sidecar /out /var/lib/celery-sidecar
+# The installed package carries everything `render` writes (templates, rules, dashboards).
 COPY --from=build /opt/venv /opt/venv
-# `render` reads its templates from here (the package is installed into site-packages).
-COPY nginx/ /opt/celery-sidecar/nginx/
-COPY grafana/ /opt/celery-sidecar/grafana/
-COPY alerts/prometheus/ /opt/celery-sidecar/alerts/prometheus/
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 9808

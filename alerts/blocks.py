@@ -20,9 +20,9 @@ from typing import Any
 
 import jinja2
 
-from alerts.model import Alert, Severity
+from celery_sidecar.alerts.model import Alert, Severity
+from celery_sidecar.monitor.alerts_config import AlertsConfig
 
-BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
 KNOWN_KINDS = (
     "task_failed",
     "failure_summary",
@@ -113,7 +113,9 @@ class MessageRenderer:
     """Renders alerts with the shipped templates, overridden by files in `templates_dir`."""
 
     def __init__(self, templates_dir: Path | None = None) -> None:
-        loaders: list[jinja2.BaseLoader] = [jinja2.FileSystemLoader(str(BUILTIN_TEMPLATES))]
+        # The shipped templates are package data: read through the import system, so they are
+        # found wherever the package is installed (a wheel, a zip, an editable checkout).
+        loaders: list[jinja2.BaseLoader] = [jinja2.PackageLoader("celery_sidecar.alerts", "templates")]
         if templates_dir is not None:
             loaders.insert(0, jinja2.FileSystemLoader(str(templates_dir)))
         self._templates_dir = templates_dir
@@ -181,6 +183,11 @@ class MessageRenderer:
     def _context(alert: Alert) -> dict[str, Any]:
         icon = _RESOLVED_ICON if alert.status == "resolved" else _ICONS[(alert.status, alert.severity)]
         return {"alert": alert, "icon": icon, "status_label": alert.status.upper()}
+
+
+def check_templates(cfg: AlertsConfig) -> None:
+    """Render every template with a sample alert; raise ValueError naming a broken one."""
+    MessageRenderer(cfg.templates_dir).check()
 
 
 def fallback_message(alert: Alert, mention: str | None = None) -> Message:

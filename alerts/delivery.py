@@ -1,14 +1,16 @@
 """Alert delivery: the engine's alerts, routed, persisted, and sent to Slack at least once.
 
-The lead's code calls::
+The wiring calls::
 
-    dispatcher = build_dispatcher(cfg.alerts, webhook_url=..., bot_token=..., default_channel=...,
-                                  slack_base_url=None, broker_url=..., state_dir=..., registry=...,
-                                  instance_id=f"{hostname}:{pid}")
+    dispatcher = build_dispatcher(live_config, SlackSettings(...), open_outbox(broker_url, state_dir),
+                                  registry=..., instance_id=f"{hostname}:{pid}")
     dispatcher.start()
     dispatcher.submit(alert)          # never blocks: an in-memory queue
-    dispatcher.update_config(new)     # hot reload; raises ValueError and keeps the old config if bad
+    dispatcher.check(new_config)      # before a reload is swapped in: ValueError refuses it
     dispatcher.stop(timeout=5)        # sends what is due, leaves the rest in the outbox
+
+It reads the alerts section of the config in force on every alert, so a reload needs
+nothing from it beyond ``check``.
 
 One background thread does the rest, one alert at a time: route (include/exclude, mute),
 persist to the outbox, then send when due. Per Slack channel it paces sends
@@ -31,19 +33,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from alerts.blocks import Message, MessageRenderer, TemplateRenderError, fallback_message
-from alerts.config import AlertsConfig, check_templates, validate_webhook_url
-from alerts.model import Alert
-from alerts.outbox import MessageRef, Outbox, open_outbox
-from alerts.routing import Router
-from alerts.slack import (
-    CONSOLE_CHANNEL,
-    WEBHOOK_CHANNEL,
+from celery_sidecar.alerts.blocks import (
+    Message,
+    MessageRenderer,
+    TemplateRenderError,
+    check_templates,
+    fallback_message,
+)
+from celery_sidecar.alerts.model import Alert, MessageRef
+from celery_sidecar.alerts.outbox import Outbox
+from celery_sidecar.alerts.routing import Router
+from celery_sidecar.alerts.slack import (
     BotSender,
     ConsoleSender,
     Failed,
@@ -51,8 +55,12 @@ from alerts.slack import (
     RateLimited,
     Sender,
     Sent,
+    SlackSettings,
     WebhookSender,
+    validate_webhook_url,
 )
+from celery_sidecar.monitor.alerts_config import AlertsConfig
+from celery_sidecar.monitor.config import Config, LiveConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +144,7 @@ class _Settings:
 class Dispatcher:
     def __init__(
         self,
-        cfg: AlertsConfig,
+        config: LiveConfig,
         sender: Sender,
         outbox: Outbox,
         *,
@@ -145,8 +153,9 @@ class Dispatcher:
         default_channel: str | None = None,
         timing: DeliveryTiming | None = None,
     ) -> None:
-        _check_channels(cfg, sender, default_channel)
-        self._settings = _Settings(cfg, MessageRenderer(cfg.templates_dir))
+        _check_channels(config.current.alerts, sender, default_channel)
+        self._live = config
+        self._settings_cache = _Settings(config.current.alerts, MessageRenderer(config.current.alerts.templates_dir))
         self._sender = sender
         self._outbox = outbox
         self._instance_id = instance_id
@@ -179,11 +188,19 @@ class Dispatcher:
             self.metrics.dropped.labels("overflow").inc()
             log.error("alert queue full (%d): dropping alert %s", self._timing.max_pending, alert.key)
 
-    def update_config(self, cfg: AlertsConfig) -> None:
-        """Apply a reloaded config; a bad one raises ValueError and the old one stays."""
-        check_templates(cfg)
-        _check_channels(cfg, self._sender, self._default_channel)
-        self._settings = _Settings(cfg, MessageRenderer(cfg.templates_dir))
+    def check(self, config: Config) -> None:
+        """Refuse (ValueError) a config this dispatcher cannot work with: a template that
+        does not render, or bot mode without a channel for some severity."""
+        check_templates(config.alerts)
+        _check_channels(config.alerts, self._sender, self._default_channel)
+
+    @property
+    def _settings(self) -> _Settings:
+        """The alerts config in force, with its renderer (rebuilt only when it changed)."""
+        cfg = self._live.current.alerts
+        if cfg is not self._settings_cache.cfg:
+            self._settings_cache = _Settings(cfg, MessageRenderer(cfg.templates_dir))
+        return self._settings_cache
 
     def stop(self, timeout: float = 5.0) -> None:
         """Persist everything submitted, send what is due until `timeout`, keep the rest for next start."""
@@ -411,19 +428,21 @@ class Dispatcher:
         return alert.created_at > 0 and time.time() - alert.created_at > self._timing.delivered_ttl
 
     def _target(self, alert: Alert) -> _Target:
-        if isinstance(self._sender, ConsoleSender):
-            return _Target(CONSOLE_CHANNEL, None, CONSOLE_CHANNEL)
-        if isinstance(self._sender, WebhookSender):
-            return _Target(WEBHOOK_CHANNEL, None, WEBHOOK_CHANNEL)
+        sender = self._sender
+        if sender.fixed_channel is not None:
+            return _Target(sender.fixed_channel, None, sender.fixed_channel)
         cfg = self._settings.cfg
         channel = cfg.channels.get(alert.severity, self._default_channel)
         label = channel or "none"
-        ref = self._outbox.find_message(alert.group) if alert.status == "resolved" else None
+        can_follow_up = sender.supports_edits or sender.supports_threads
+        ref = self._outbox.find_message(alert.group) if alert.status == "resolved" and can_follow_up else None
         if ref is None:
             return _Target(label, channel, channel or "none")
-        if cfg.resolve_style == "update":
+        if cfg.resolve_style == "update" and sender.supports_edits:
             return _Target(label, ref.channel, ref.channel, edit=ref)
-        return _Target(label, ref.channel, ref.channel, thread=ref)
+        if sender.supports_threads:
+            return _Target(label, ref.channel, ref.channel, thread=ref)
+        return _Target(label, channel, channel or "none")
 
     def _message(self, alert: Alert) -> Message:
         settings = self._settings
@@ -437,7 +456,7 @@ class Dispatcher:
 
 
 def _check_channels(cfg: AlertsConfig, sender: Sender, default_channel: str | None) -> None:
-    if isinstance(sender, BotSender) and not default_channel:
+    if sender.fixed_channel is None and not default_channel:
         missing = [s for s in ("info", "warning", "critical") if s not in cfg.channels]
         if missing:
             raise ValueError(
@@ -446,14 +465,10 @@ def _check_channels(cfg: AlertsConfig, sender: Sender, default_channel: str | No
 
 
 def build_dispatcher(
-    cfg: AlertsConfig,
+    config: LiveConfig,
+    slack: SlackSettings,
+    outbox: Outbox,
     *,
-    webhook_url: str | None,
-    bot_token: str | None,
-    default_channel: str | None,
-    slack_base_url: str | None,
-    broker_url: str,
-    state_dir: Path,
     registry: CollectorRegistry,
     instance_id: str,
     timing: DeliveryTiming | None = None,
@@ -465,24 +480,16 @@ def build_dispatcher(
     """
     timing = timing or DeliveryTiming()
     sender: Sender
-    if bot_token:
-        if webhook_url:
+    if slack.bot_token:
+        if slack.webhook_url:
             log.info("both SLACK_BOT_TOKEN and SLACK_WEBHOOK_URL are set: using the bot token")
-        sender = BotSender(bot_token, base_url=slack_base_url, timeout=timing.http_timeout)
-    elif webhook_url:
-        sender = WebhookSender(validate_webhook_url(webhook_url), timeout=timing.http_timeout)
+        sender = BotSender(slack.bot_token, base_url=slack.base_url, timeout=timing.http_timeout)
+    elif slack.webhook_url:
+        sender = WebhookSender(validate_webhook_url(slack.webhook_url), timeout=timing.http_timeout)
     else:
         log.info("no Slack configured: alerts go to the log")
         sender = ConsoleSender()
-    _check_channels(cfg, sender, default_channel)
-    check_templates(cfg)
-    outbox = open_outbox(broker_url, state_dir)
-    return Dispatcher(
-        cfg,
-        sender,
-        outbox,
-        registry=registry,
-        instance_id=instance_id,
-        default_channel=default_channel,
-        timing=timing,
-    )
+    dispatcher = Dispatcher(config, sender, outbox, registry=registry, instance_id=instance_id,
+                            default_channel=slack.channel, timing=timing)
+    dispatcher.check(config.current)
+    return dispatcher

@@ -2,7 +2,9 @@
 
 It is a pipeline sink. Task failures arrive on the event thread and cost one dict
 lookup unless they open a new alert; everything time-based (workers going silent,
-thresholds, storm summaries) is evaluated in ``on_tick`` about once a second.
+thresholds, storm summaries) is evaluated in ``on_tick`` about once a second, on one
+state snapshot (monitor/view.py). The thresholds are the signal table's
+(monitor/signals.py): this module knows no signal by name.
 
 Keys are derived from event data (task ids, heartbeat timestamps, the failure that
 opened a storm window) so that two sidecars reading the same stream produce the same
@@ -13,15 +15,16 @@ by the 5-minute bucket in which the breach began (documented in docs/alerts.md).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from alerts.config import AlertsConfig, RuleConfig
-from alerts.model import Alert
-from exporters.probes import ProbeReadings
-from monitor.config import Config
-from monitor.pipeline import Sink, Update
-from monitor.state import State, TaskUpdate, WorkerUpdate
+from celery_sidecar.alerts.model import Alert
+from celery_sidecar.monitor.alerts_config import RuleConfig
+from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.pipeline import Sink, Update
+from celery_sidecar.monitor.signals import BY_RULE, SIGNALS, Reading, Signal, format_value
+from celery_sidecar.monitor.state import TaskUpdate, WorkerUpdate
+from celery_sidecar.monitor.view import StateView
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +33,9 @@ EPISODE_BUCKET = 300.0
 LATE_EVENT_SLACK = 1.0  # seconds to wait for late events before closing a storm window
 
 
-class Dispatcher:  # the part of alerts.delivery.Dispatcher the engine uses
+class Dispatcher(Protocol):  # the part of alerts.delivery.Dispatcher the engine uses
     def start(self) -> None: ...
     def submit(self, alert: Alert) -> None: ...
-    def update_config(self, cfg: AlertsConfig) -> None: ...
     def stop(self, timeout: float = 5.0) -> None: ...
 
 
@@ -56,26 +58,18 @@ class _Breach:
     clear_since: float | None = None
 
 
-@dataclass(frozen=True)
-class _Signal:
-    rule: str
-    subject: str
-    value: float
-    limit: float
-    describe: str  # "queue celery holds 150 messages"
-    unit: str
-
-
 class AlertEngine(Sink):
-    def __init__(self, config: Config, state: State, dispatcher: Dispatcher, readings: ProbeReadings) -> None:
-        self.config = config
-        self.state = state
+    def __init__(self, config: LiveConfig, view: StateView, dispatcher: Dispatcher) -> None:
+        self._live = config
+        self.view = view
         self.dispatcher = dispatcher
-        self.readings = readings
         self.storms: dict[tuple[str, str], _Storm] = {}
         self.breaches: dict[tuple[str, str], _Breach] = {}
         self.offline_groups: dict[str, str] = {}
-        self._failures_on = config.alerts.rules.task_failed.enabled  # read per event: cached
+
+    @property
+    def config(self) -> Config:
+        return self._live.current
 
     @property
     def rules(self):
@@ -87,16 +81,11 @@ class AlertEngine(Sink):
     def stop(self) -> None:
         self.dispatcher.stop()
 
-    def reconfigure(self, config: Config) -> None:
-        self.dispatcher.update_config(config.alerts)  # raises ValueError on a bad template: keep the old
-        self.config = config
-        self._failures_on = config.alerts.rules.task_failed.enabled
-
     # -- events -----------------------------------------------------------------------
 
     def on_update(self, update: Update) -> None:
         if type(update) is TaskUpdate:
-            if update.kind == "failed" and self._failures_on:
+            if update.kind == "failed" and self.rules.task_failed.enabled:
                 self._task_failed(update)
         elif update.kind == "offline" and update.reason == "shutdown":
             self._worker_shutdown(update)
@@ -243,35 +232,41 @@ class AlertEngine(Sink):
         self._evaluate_thresholds(now)
 
     def _evaluate_thresholds(self, now: float) -> None:
+        cfg = self.config
+        snap = self.view.snapshot(now)
         seen: set[tuple[str, str]] = set()
-        for signal in self._signals(now):
-            rule: RuleConfig = getattr(self.rules, signal.rule)
+        for signal in SIGNALS:
+            rule: RuleConfig = cfg.alerts.rules.rule(signal.rule)
             if not rule.enabled:
                 continue
-            key = (signal.rule, signal.subject)
-            if signal.value > signal.limit:
-                seen.add(key)
-                self._breached(key, signal, rule, now)
+            for reading in signal.read(snap, cfg):
+                if reading.value > reading.limit:
+                    key = (signal.rule, reading.subject)
+                    seen.add(key)
+                    self._breached(key, signal, reading, rule, now)
         for key in [k for k in self.breaches if k not in seen]:
             self._cleared(key, now)
 
-    def _breached(self, key: tuple[str, str], signal: _Signal, rule: RuleConfig, now: float) -> None:
+    def _breached(self, key: tuple[str, str], signal: Signal, reading: Reading, rule: RuleConfig,
+                  now: float) -> None:
         breach = self.breaches.get(key)
         if breach is None:
-            breach = self.breaches[key] = _Breach(since=now, value=signal.value, limit=signal.limit)
-        breach.value, breach.limit, breach.clear_since = signal.value, signal.limit, None
+            breach = self.breaches[key] = _Breach(since=now, value=reading.value, limit=reading.limit)
+        breach.value, breach.limit, breach.clear_since = reading.value, reading.limit, None
         if breach.firing_key is None and now - breach.since >= rule.for_seconds:
             bucket = int(breach.since // EPISODE_BUCKET)
-            breach.firing_key = f"{signal.rule}:{signal.subject}:{bucket}"
+            breach.firing_key = f"{signal.rule}:{reading.subject}:{bucket}"
+            unit = signal.unit
             self.dispatcher.submit(
                 Alert(
                     key=breach.firing_key, group=breach.firing_key, kind="threshold", status="firing",
                     severity=rule.severity,
-                    title=f"{_TITLES[signal.rule]}: {signal.subject}",
-                    text=f"{signal.describe}; threshold {_fmt(signal.limit, signal.unit)} "
+                    title=f"{signal.title}: {reading.subject}",
+                    text=f"{reading.text}; threshold {format_value(reading.limit, unit)} "
                     f"(breached for {now - breach.since:.0f} s)",
-                    fields={"Rule": signal.rule, "Subject": signal.subject,
-                            "Value": _fmt(signal.value, signal.unit), "Threshold": _fmt(signal.limit, signal.unit)},
+                    fields={"Rule": signal.rule, "Subject": reading.subject,
+                            "Value": format_value(reading.value, unit),
+                            "Threshold": format_value(reading.limit, unit)},
                     created_at=now,
                 )
             )
@@ -283,71 +278,19 @@ class AlertEngine(Sink):
             return
         if breach.clear_since is None:
             breach.clear_since = now
-        rule: RuleConfig = getattr(self.rules, key[0])
+        rule_name, subject = key
+        rule: RuleConfig = self.rules.rule(rule_name)
         if now - breach.clear_since >= rule.resolve_after_seconds:
             del self.breaches[key]
-            rule_name, subject = key
+            signal = BY_RULE[rule_name]
+            limit = format_value(breach.limit, signal.unit)
             self.dispatcher.submit(
                 Alert(
                     key=f"{breach.firing_key}:resolved", group=breach.firing_key, kind="threshold",
                     status="resolved", severity=rule.severity,
-                    title=f"Resolved: {_TITLES[rule_name].lower()}: {subject}",
-                    text=f"{subject} is back under {_fmt(breach.limit, _UNITS[rule_name])} "
-                    f"for {now - breach.clear_since:.0f} s",
-                    fields={"Rule": rule_name, "Subject": subject, "Threshold": _fmt(breach.limit, _UNITS[rule_name])},
+                    title=f"Resolved: {signal.title.lower()}: {subject}",
+                    text=f"{subject} is back under {limit} for {now - breach.clear_since:.0f} s",
+                    fields={"Rule": rule_name, "Subject": subject, "Threshold": limit},
                     created_at=now,
                 )
             )
-
-    def _signals(self, now: float) -> Iterator[_Signal]:
-        cfg = self.config
-        t = cfg.thresholds
-        for task_class, limit in (("normal", t.latency_seconds.normal), ("heavy", t.latency_seconds.heavy)):
-            p95 = self.state.latency_windows[task_class].quantile(0.95, now)
-            if p95 is not None:
-                yield _Signal("latency", task_class, p95, limit,
-                              f"p95 queue wait of {task_class} tasks is {p95:.1f} s", "s")
-        for queue, reading in list(self.readings.queues.items()):
-            limits = cfg.queue_thresholds(queue)
-            text = f"queue {queue} holds {reading.length} messages"
-            yield _Signal("queue_length_normal", queue, reading.length, limits.normal, text, "")
-            yield _Signal("queue_length_peak", queue, reading.length, limits.peak, text, "")
-        for worker in self.state.workers.values():
-            if not worker.alive:
-                continue
-            if worker.cpu_percent is not None:
-                yield _Signal("worker_cpu", worker.hostname, worker.cpu_percent, t.worker_cpu_percent,
-                              f"{worker.hostname} uses {worker.cpu_percent:.0f}% CPU", "%")
-            if worker.memory_percent is not None:
-                yield _Signal("worker_memory", worker.hostname, worker.memory_percent, t.worker_memory_percent,
-                              f"{worker.hostname} uses {worker.memory_percent:.0f}% memory", "%")
-        limit = t.retry_rate_percent / 100.0
-        for name, window in self.state.retry_windows.items():
-            hits, total = window.counts(now)
-            if total >= t.retry_rate_min_outcomes:
-                ratio = hits / total
-                yield _Signal("retry_rate", name, ratio, limit,
-                              f"{name} retried {hits} of {total} times ({ratio:.0%})", "ratio")
-
-
-_TITLES = {
-    "latency": "Task latency above threshold",
-    "queue_length_normal": "Queue length above normal threshold",
-    "queue_length_peak": "Queue length above peak threshold",
-    "worker_cpu": "Worker CPU above threshold",
-    "worker_memory": "Worker memory above threshold",
-    "retry_rate": "Retry rate above threshold",
-}
-_UNITS = {"latency": "s", "queue_length_normal": "", "queue_length_peak": "", "worker_cpu": "%",
-          "worker_memory": "%", "retry_rate": "ratio"}
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit == "ratio":
-        return f"{value:.1%}"
-    if unit == "%":
-        return f"{value:.0f}%"
-    if unit == "s":
-        return f"{value:.1f} s"
-    return f"{value:g}"
-

@@ -1,11 +1,14 @@
-"""What the alert engine hands to the notifiers."""
+"""What the alert engine hands to delivery, and what delivery keeps about it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-Severity = Literal["info", "warning", "critical"]
+from celery_sidecar.monitor.signals import Severity
+
+__all__ = ["Alert", "MessageRef", "Severity", "Status"]
+
 Status = Literal["firing", "resolved", "info"]
 
 
@@ -32,3 +35,12 @@ class Alert:
     traceback: str | None = None
     link: str | None = None
     created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """Where Slack put a firing message (channel id as Slack returned it, and timestamp), so
+    its resolution can edit it or reply in its thread. The outbox stores these."""
+
+    channel: str
+    ts: str

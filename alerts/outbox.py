@@ -22,28 +22,19 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import redis
 
-from alerts.model import Alert
+from celery_sidecar.alerts.model import Alert, MessageRef
 
 log = logging.getLogger(__name__)
 
 REDIS_PREFIX = "celery_sidecar:alerts:"
 SQLITE_FILENAME = "alerts-outbox.sqlite3"
 _ALERT_FIELDS = {f.name for f in dataclasses.fields(Alert)}
-
-
-@dataclass(frozen=True)
-class MessageRef:
-    """Where Slack put a message: channel id (as Slack returned it) and timestamp."""
-
-    channel: str
-    ts: str
 
 
 class Outbox(Protocol):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from alerts.config import WEEKDAYS, AlertsConfig, MuteWindow
-from alerts.model import Alert
+from celery_sidecar.alerts.model import Alert
+from celery_sidecar.monitor.alerts_config import WEEKDAYS, AlertsConfig, MuteWindow
 
 DropReason = Literal["muted", "excluded", "suppressed"]
 MAX_SUPPRESSED_GROUPS = 10_000

@@ -7,21 +7,25 @@
 A sender never retries and never sleeps: it returns `Sent`, `RateLimited` (with Slack's
 Retry-After) or `Failed`, and the dispatcher decides when to try again. slack-sdk's retry
 handlers are switched off so that every wait is the dispatcher's, visible and testable.
+Each sender declares what it can do (a fixed channel or any, edits, threads, whether it
+is rate limited); the dispatcher picks targets from that, never from the class.
 Secrets never reach a log line or an error: every message from here is redacted.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 from slack_sdk.webhook import WebhookClient
 
-from alerts.blocks import Message
-from alerts.outbox import MessageRef
+from celery_sidecar.alerts.blocks import Message
+from celery_sidecar.alerts.model import MessageRef
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,22 @@ class Failed:
 Outcome = Sent | RateLimited | Failed
 
 
+@dataclass(frozen=True)
+class SlackSettings:
+    """Where alerts go, from the environment: a bot token (with a default channel), a
+    webhook, or neither (the console). Secrets are not shown in reprs."""
+
+    webhook_url: str | None = field(default=None, repr=False)
+    bot_token: str | None = field(default=None, repr=False)
+    channel: str | None = None
+    base_url: str | None = None  # a Slack-compatible API base, for tests and proxies
+
+
 class Sender(Protocol):
     rate_limited: bool  # False: no per-channel pacing needed (the console)
-    supports_edits: bool
+    fixed_channel: str | None  # where every message goes ("webhook", "console"); None: any channel
+    supports_edits: bool  # a resolution can edit its firing message
+    supports_threads: bool  # ... or reply in its thread
 
     def post(self, channel: str | None, message: Message, thread: MessageRef | None = None) -> Outcome: ...
     def edit(self, ref: MessageRef, message: Message) -> Outcome: ...
@@ -86,7 +103,9 @@ def _sdk_logger(redact: Redactor) -> logging.Logger:
 
 class WebhookSender:
     rate_limited = True
+    fixed_channel = WEBHOOK_CHANNEL
     supports_edits = False
+    supports_threads = False
 
     # slack-sdk types timeouts as int, but urllib takes any float (tests use short ones).
     def __init__(self, url: str, timeout: float = 10.0) -> None:
@@ -111,7 +130,9 @@ class WebhookSender:
 
 class BotSender:
     rate_limited = True
+    fixed_channel = None
     supports_edits = True
+    supports_threads = True
 
     def __init__(self, token: str, base_url: str | None = None, timeout: float = 10.0) -> None:
         self._redact = Redactor(token)
@@ -165,7 +186,9 @@ class ConsoleSender:
     """Writes the plain-text rendering to the log, at a level that matches the severity."""
 
     rate_limited = False
+    fixed_channel = CONSOLE_CHANNEL
     supports_edits = False
+    supports_threads = False
     _LEVELS = {"critical": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
@@ -193,3 +216,34 @@ def _retry_after(headers: Any) -> float:
 def _connection_failure(exc: Exception, redact: Redactor) -> Failed:
     reason = "timeout" if "timed out" in str(exc).lower() or isinstance(exc, TimeoutError) else "connection"
     return Failed(reason, redact(f"{type(exc).__name__}: {exc}")[:300])
+
+
+def validate_webhook_url(url: str) -> str:
+    """Refuse a webhook URL that is not https (plain http only to loopback, for tests).
+
+    The messages never contain the URL itself: its path is the secret.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("SLACK_WEBHOOK_URL is not a valid URL") from None
+    if not host or parts.path in ("", "/"):
+        raise ValueError("SLACK_WEBHOOK_URL must be a full URL like https://hooks.slack.com/services/T…/B…/…")
+    if parts.scheme == "https":
+        return url.strip()
+    if parts.scheme == "http" and _is_loopback(host):
+        return url.strip()
+    raise ValueError(
+        f"SLACK_WEBHOOK_URL must use https (got scheme {parts.scheme!r}, host {host!r}); "
+        "plain http is only allowed to a loopback host"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

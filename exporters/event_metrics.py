@@ -24,9 +24,9 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
-from monitor.config import Config
-from monitor.pipeline import Sink, Update
-from monitor.state import TASK_KINDS, TaskUpdate, WorkerUpdate
+from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.pipeline import Sink, Update
+from celery_sidecar.monitor.state import TASK_KINDS, TaskUpdate, WorkerUpdate
 
 OTHER = "other"
 GENERIC_HOST = "generic"
@@ -38,7 +38,10 @@ LabelText = Callable[[tuple[str, ...], Labels], str]
 
 
 class CappedLabel:
-    """Maps values to themselves until ``cap`` distinct values were seen, then to 'other'."""
+    """Maps values to themselves until ``cap`` distinct values were seen, then to 'other'.
+
+    A lower cap from a config reload applies to new values: exported ones keep their label.
+    """
 
     __slots__ = ("cap", "seen")
 
@@ -128,7 +131,9 @@ class Histogram:
 
 
 class EventMetrics(Sink):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: LiveConfig) -> None:
+        self._live = config
+        self._config: Config | None = None
         self.counts: dict[str, dict[Labels, float]] = {kind: {} for kind in TASK_KINDS}
         self._count_text: dict[str, dict[Labels, bytes]] = {kind: {} for kind in TASK_KINDS}
         self._count_dirty: dict[str, set[Labels]] = {kind: set() for kind in TASK_KINDS}
@@ -138,21 +143,24 @@ class EventMetrics(Sink):
         self.latency = Histogram(WAIT_BUCKETS)
         self._render_lock = threading.Lock()  # one render at a time: scrapes and the prerender thread
         self._scraped_at = -math.inf
-        self.reconfigure(config)
+        self._name = CappedLabel(0)
+        self._exception = CappedLabel(0)
+        self._generic_host = False
+        self._follow(config.current)
 
-    def reconfigure(self, config: Config) -> None:
+    def _follow(self, config: Config) -> None:
+        """Take the caps of the config in force (called when it is not the one last seen)."""
         caps = config.cardinality
-        self._name = CappedLabel(caps.max_task_names)
-        self._exception = CappedLabel(caps.max_exceptions)
+        self._name.cap = caps.max_task_names
+        self._exception.cap = caps.max_exceptions
         self._generic_host = caps.generic_hostname
-        # Names already exported keep their label; the cap applies to new ones.
-        for kind in self.counts.values():
-            for labels in list(kind):
-                self._name(labels[0])
+        self._config = config
 
     def on_update(self, update: Update) -> None:
         if type(update) is not TaskUpdate:
             return
+        if self._live.current is not self._config:
+            self._follow(self._live.current)
         name = self._name(update.name)
         host = GENERIC_HOST if self._generic_host else update.hostname
         labels = (name, host, update.queue)

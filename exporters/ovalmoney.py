@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from exporters.event_metrics import EventMetrics, Histogram
-from monitor.pipeline import Pipeline
+from celery_sidecar.exporters.event_metrics import EventMetrics, Histogram
+from celery_sidecar.monitor.view import StateView
 
 # Celery's task states, as that exporter labels them.
 STATE_OF_KIND = {
@@ -29,9 +29,9 @@ STATE_OF_KIND = {
 
 
 class OvalMoneyCollector:
-    def __init__(self, metrics: EventMetrics, pipeline: Pipeline, namespace: str) -> None:
+    def __init__(self, metrics: EventMetrics, view: StateView, namespace: str) -> None:
         self._metrics = metrics
-        self._pipeline = pipeline
+        self._view = view
         self._namespace = namespace
 
     def collect(self) -> Iterator[Metric]:
@@ -51,8 +51,7 @@ class OvalMoneyCollector:
                               self._metrics.runtime)
         yield self._histogram("celery_tasks_latency_seconds", "Task queue wait (ovalmoney-compatible).",
                               self._metrics.queue_wait)
-        with self._pipeline.lock:
-            alive = sum(1 for w in self._pipeline.state.workers.values() if w.alive)
+        alive = sum(1 for w in self._view.snapshot().workers if w.alive)
         workers = GaugeMetricFamily("celery_workers", "Live workers (ovalmoney-compatible).", labels=["namespace"])
         workers.add_metric([ns], alive)
         yield workers

@@ -1,14 +1,13 @@
-"""The one configuration object: loaded from YAML, validated here, passed down.
+"""The one configuration object: loaded from YAML, validated here, read live by every part.
 
 Thresholds are the documented defaults; an operator edits the YAML file and the
-sidecar reloads it live (see monitor/reload.py). Unknown keys are errors, so a typo
-is refused instead of silently ignored.
+sidecar reloads it live (monitor/reload.py swaps ``LiveConfig.current``). Unknown keys
+are errors, so a typo is refused instead of silently ignored.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from alerts.config import AlertsConfig
+from celery_sidecar.monitor.alerts_config import AlertsConfig
 
 
 class ConfigError(ValueError):
@@ -148,24 +147,12 @@ def _describe(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def effective_thresholds(
-    cfg: Config, queues: Iterable[str] = ()
-) -> list[tuple[str, str, dict[str, str], float]]:
-    """(signal, level, extra labels, value) for every threshold; what `celery_threshold` exports.
+class LiveConfig:
+    """The config in force. A reload replaces ``current`` whole (one reference swap, atomic
+    for readers); every part reads ``current`` when it needs a value, so there is no list
+    of holders to update and no part can keep a stale copy."""
 
-    Queue thresholds are listed per queue (configured, overridden and discovered ones),
-    so a rule can compare ``celery_queue_length`` with them ``on(queue_name)``."""
-    t = cfg.thresholds
-    rows: list[tuple[str, str, dict[str, str], float]] = [
-        ("latency_seconds", "normal", {}, t.latency_seconds.normal),
-        ("latency_seconds", "heavy", {}, t.latency_seconds.heavy),
-        ("worker_cpu_percent", "limit", {}, t.worker_cpu_percent),
-        ("worker_memory_percent", "limit", {}, t.worker_memory_percent),
-        ("retry_ratio", "limit", {}, t.retry_rate_percent / 100.0),
-        ("retry_min_outcomes", "limit", {}, float(t.retry_rate_min_outcomes)),
-    ]
-    for queue in sorted(set(cfg.queues) | set(cfg.queue_overrides) | set(queues)):
-        q = cfg.queue_thresholds(queue)
-        rows.append(("queue_length", "normal", {"queue_name": queue}, float(q.normal)))
-        rows.append(("queue_length", "peak", {"queue_name": queue}, float(q.peak)))
-    return rows
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config

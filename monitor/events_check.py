@@ -14,17 +14,17 @@ import threading
 
 from celery import Celery
 
-from monitor.pipeline import Sink
-from monitor.state import State, WorkerUpdate
+from celery_sidecar.monitor.pipeline import Sink
+from celery_sidecar.monitor.state import State, WorkerUpdate
 
 log = logging.getLogger(__name__)
 
 
 class TaskEventsCheck(Sink):
-    def __init__(self, state: State, enable_events: bool) -> None:
+    def __init__(self, state: State, enable_events: bool, app: Celery | None = None) -> None:
         self.state = state
         self.enable_events = enable_events
-        self.app: Celery | None = None
+        self.app = app
         self.latency_source: str | None = None
 
     def on_tick(self, now: float, offline: list[WorkerUpdate], forgotten: list[str]) -> None:

@@ -1,9 +1,13 @@
-"""The single entry point for decoded events: count, fold into state, fan out updates.
+"""The single entry point into state: events, probe results and the connection's comings and goings.
 
-Every intake (the stock EventReceiver path and the Redis fast path) hands each event
-dict to ``Pipeline.handle``. Malformed or unknown events are counted by reason and
-skipped; nothing here raises into the intake. One lock serialises the event thread,
-the once-a-second tick and scrape-time reads of the state.
+Every intake hands what it reads to the pipeline: the event paths (stock EventReceiver,
+Redis and AMQP fast paths) each event dict to ``handle``, the probes their readings to
+``record_queues`` / ``record_inspection``, and the intake loop its connection changes to
+``set_connected``. Malformed or unknown events are counted by reason and skipped;
+nothing here raises into an intake.
+
+One lock serialises all of these, the once-a-second tick and the state view's
+snapshots (monitor/view.py). Readers outside monitor/ never take it themselves.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from monitor.state import State, TaskUpdate, WorkerUpdate
+from celery_sidecar.monitor.state import QueueReading, State, TaskUpdate, WorkerInfo, WorkerUpdate
+from celery_sidecar.monitor.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +35,25 @@ class Sink:
 
 
 class Pipeline:
-    def __init__(self, state: State, sinks: list[Sink] | None = None, clock: Callable[[], float] = time.time):
+    def __init__(self, state: State, status: Status | None = None, sinks: list[Sink] | None = None,
+                 clock: Callable[[], float] = time.time):
         self.state = state
+        self.status = status if status is not None else Status()
         self.sinks: list[Sink] = []
         self._update_sinks: list[Sink] = []  # only sinks that act per event: the hot path
         for sink in sinks or []:
             self.add_sink(sink)
         self.lock = threading.RLock()
         self.clock = clock
-        self.connected = False
+        self.last_tick_at: float | None = None  # when time-based checks last ran (all sinks done)
         self._sink_errors_logged = 0
 
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
         if type(sink).on_update is not Sink.on_update:
             self._update_sinks.append(sink)
+
+    # -- events -------------------------------------------------------------------------
 
     def handle(self, event: Any) -> None:
         counters = self.state.counters
@@ -87,11 +96,31 @@ class Pipeline:
         if skipped[reason] in (1, 10, 100, 1000) or skipped[reason] % 10000 == 0:
             log.warning("skipped a malformed event (reason=%s, %d so far)", reason, skipped[reason])
 
+    # -- probes -------------------------------------------------------------------------
+
+    def record_queues(self, readings: dict[str, QueueReading]) -> None:
+        with self.lock:
+            self.state.record_queues(readings, self.clock())
+
+    def record_inspection(self, info: dict[str, WorkerInfo]) -> None:
+        with self.lock:
+            self.state.record_inspection(info)
+
+    def probe_failed(self, probe: str) -> None:
+        with self.lock:
+            self.state.probe_failed(probe)
+
+    def known_queues(self) -> list[str]:
+        with self.lock:
+            return self.state.known_queues()
+
+    # -- time and connection ------------------------------------------------------------
+
     def tick(self, now: float | None = None) -> None:
         """Liveness and windows; the broker being down freezes liveness, see set_connected."""
         now = self.clock() if now is None else now
         with self.lock:
-            if self.connected:
+            if self.status.connected:
                 offline, forgotten = self.state.tick(now)
             else:
                 offline, forgotten = [], []
@@ -100,17 +129,24 @@ class Pipeline:
                     sink.on_tick(now, offline, forgotten)
                 except Exception:  # noqa: BLE001 - one bad sink must not stop the ticker
                     self._log_sink_error(sink)
+            self.last_tick_at = now
 
-    def set_connected(self, connected: bool) -> None:
+    def set_connected(self, connected: bool, error: str | None = None) -> None:
         """While the broker is unreachable no heartbeat can arrive, so a worker is not
         declared dead for it: on reconnect every live worker gets a fresh grace period."""
         with self.lock:
-            if connected and not self.connected:
+            status = self.status
+            if connected and not status.connected:
                 now = self.clock()
                 for worker in self.state.workers.values():
                     if worker.alive:
                         worker.last_seen = max(worker.last_seen, now)
-            self.connected = connected
+                if status.last_error is not None:
+                    status.reconnects += 1
+                status.last_error = None
+            if error is not None:
+                status.last_error = error
+            status.connected = connected
 
     def _log_sink_error(self, sink: Sink) -> None:
         self._sink_errors_logged += 1

@@ -1,4 +1,8 @@
-"""Hot reload: poll the config file and apply a valid edit live; refuse an invalid one.
+"""Hot reload: poll the config file and swap in a valid edit live; refuse an invalid one.
+
+An edit is loaded and validated whole (the schema, then every check the wiring
+registered: templates that must render, channels bot mode needs) before it replaces
+``LiveConfig.current``. A refused edit changes nothing: the previous config stays live.
 
 Polling (once a second, by content hash) rather than inotify, because it also follows
 Kubernetes ConfigMap symlink swaps and editors that replace the file.
@@ -12,18 +16,20 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from monitor.config import Config, ConfigError, load_config
-from monitor.status import Status
+from celery_sidecar.monitor.config import Config, ConfigError, LiveConfig, load_config
+from celery_sidecar.monitor.status import Status
 
 log = logging.getLogger(__name__)
 
 
 class ConfigReloader:
     def __init__(
-        self, path: Path, apply: Callable[[Config], None], status: Status, interval: float = 1.0
+        self, path: Path, live: LiveConfig, status: Status, checks: list[Callable[[Config], None]] | None = None,
+        interval: float = 1.0,
     ) -> None:
         self._path = path
-        self._apply = apply
+        self._live = live
+        self._checks = list(checks or [])
         self._status = status
         self._interval = interval
         self._digest = self._read_digest()
@@ -60,11 +66,13 @@ class ConfigReloader:
             self._status.reload_result(False, str(exc))
             return False
         try:
-            self._apply(config)
+            for check in self._checks:
+                check(config)
         except ValueError as exc:  # e.g. an alert template that does not render
             log.error("config edit refused, previous config stays live:\n%s: %s", self._path, exc)
             self._status.reload_result(False, f"{self._path}: {exc}")
             return False
+        self._live.current = config
         self._status.reload_result(True)
         log.info("config reloaded from %s: %s", self._path, describe_thresholds(config))
         return True

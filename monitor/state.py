@@ -8,7 +8,8 @@ here has a stated bound:
 - workers: at most ``state.max_workers``, forgotten ``worker_forget_seconds`` after they go;
 - retry/latency windows: fixed-size rings per task name (names capped by the exporter's cap)
   and per task class;
-- discovered queues: 1000; task name -> queue map: 10,000 names.
+- discovered queues: 1000; task name -> queue map: 10,000 names;
+- probe readings: one per known queue (the probes are intakes too: pipeline.py).
 
 Worker liveness uses the *local* receive time of heartbeats, so clock skew between
 workers and the sidecar cannot make a live worker look dead.
@@ -24,13 +25,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from monitor.config import Config
-from monitor.windows import RatioWindow, SampleWindow
+from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.windows import RatioWindow, SampleWindow
 
 log = logging.getLogger(__name__)
 
 TASK_KINDS = ("sent", "received", "started", "succeeded", "failed", "retried", "rejected", "revoked")
-RESOURCE_EVENT = "worker-resources"  # sent by monitor.plugin.ResourceUsage
+RESOURCE_EVENT = "worker-resources"  # sent by celery_sidecar.plugin.ResourceUsage
 UNKNOWN = "unknown"
 MAX_LEARNED_NAMES = 10_000
 _EXC_CLASS = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*[(:]?")
@@ -105,6 +106,22 @@ class WorkerUpdate:
     last_heartbeat_ts: float
 
 
+@dataclass(frozen=True, slots=True)
+class QueueReading:
+    """A queue probe's reading of one queue."""
+
+    length: int
+    consumers: int | None  # AMQP knows its consumers; Redis does not
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What worker inspection (remote control) says of a worker."""
+
+    queues: tuple[str, ...]
+    pool_max: int | None
+
+
 @dataclass
 class Counters:
     """Intake self-metrics, plain ints so the hot path stays cheap."""
@@ -117,13 +134,13 @@ class Counters:
 
 
 class State:
-    def __init__(self, config: Config, clock=time.time) -> None:
-        self.config = config
+    def __init__(self, config: LiveConfig, clock=time.time) -> None:
+        self._live = config
         self.clock = clock
         self.tasks: OrderedDict[str, TaskRecord] = OrderedDict()
         self.workers: dict[str, WorkerRecord] = {}
         self.counters = Counters()
-        limits = config.state
+        limits = config.current.state
         self.retry_windows: dict[str, RatioWindow] = {}
         self.latency_windows: dict[str, SampleWindow] = {
             c: SampleWindow(limits.latency_window_seconds) for c in ("normal", "heavy")
@@ -132,6 +149,10 @@ class State:
         # task name -> queue, learned from task-sent: the queue of a task whose own task-sent
         # arrived late (a worker's batched events can overtake it) or not at all.
         self.queue_of_name: dict[str, str] = {}
+        # The probes' last readings: bounded by the known queues, which are bounded above.
+        self.queue_readings: dict[str, QueueReading] = {}
+        self.queue_probe_at: float | None = None
+        self.probe_errors: dict[str, int] = {}
         self._table = {
             "task-sent": self._task_sent,
             "task-received": self._task_received,
@@ -147,8 +168,9 @@ class State:
             RESOURCE_EVENT: self._worker_resources,
         }
 
-    def reconfigure(self, config: Config) -> None:
-        self.config = config
+    @property
+    def config(self) -> Config:
+        return self._live.current
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -393,7 +415,25 @@ class State:
         waited = now - worker.first_seen >= min(self.config.state.task_events_grace_seconds, 3 * worker.freq)
         return did_work and waited
 
-    # -- reads for the exporter and the alert engine -----------------------------------
+    # -- probe results ---------------------------------------------------------------
+
+    def record_queues(self, readings: dict[str, QueueReading], at: float) -> None:
+        known = set(self.known_queues())
+        self.queue_readings = {q: r for q, r in {**self.queue_readings, **readings}.items() if q in known}
+        self.queue_probe_at = at
+
+    def record_inspection(self, info: dict[str, WorkerInfo]) -> None:
+        for hostname, worker_info in info.items():
+            worker = self.workers.get(hostname)
+            if worker is not None:
+                worker.queues = worker_info.queues[:100]
+                if worker_info.pool_max:
+                    worker.pool_max = worker_info.pool_max
+
+    def probe_failed(self, probe: str) -> None:
+        self.probe_errors[probe] = self.probe_errors.get(probe, 0) + 1
+
+    # -- queries ------------------------------------------------------------------------
 
     def latency_source(self, now: float | None = None) -> str:
         seen = self.counters.sent_events_seen_at

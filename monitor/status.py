@@ -1,4 +1,8 @@
-"""What /health reports: the broker connection, reloads, the config's state."""
+"""The sidecar's own condition: the event consumer's connection, and the config file's.
+
+One object, written by the intake (connection) and the reloader (config), read through
+the state view for /health and the self-metrics. The connection is stored only here.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Status:
     broker: str = ""  # redacted URL
-    intake: str = "stock"  # "stock" (EventReceiver) or "redis-fast"
+    intake: str = "stock"  # which event path is in use: "stock", "redis-fast" or "amqp-fast"
     connected: bool = False
     reconnects: int = 0
     last_error: str | None = None

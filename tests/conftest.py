@@ -6,13 +6,29 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.fake_slack import FakeSlack, fake_slack
 from tests.support.procs import Process, SidecarProcess, start_worker
 from tests.support.servers import RedisServer, redis_server
 
 
 @pytest.fixture
 def redis_srv() -> Iterator[RedisServer]:
+    """A private redis-server for this test."""
     with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[RedisServer]:
+    """A private redis-server shared by a module's tests (each must not depend on its contents)."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def slack() -> Iterator[FakeSlack]:
+    """The Slack stand-in on loopback; the sidecar's real slack-sdk client posts to it."""
+    with fake_slack() as server:
         yield server
 
 

@@ -9,14 +9,13 @@ behaviour, one call at a time, is covered by tests/test_slack_delivery.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,10 @@ import pytest
 import yaml
 from celery import Celery
 
-from tests.support.fake_slack import FakeSlack, Request, fake_slack
-from tests.support.procs import ARTIFACTS, ROOT, SidecarProcess
+from tests.support.clients import producer
+from tests.support.fake_slack import FakeSlack, Request
+from tests.support.paths import ARTIFACTS, SIDECAR, SUITE, child_env
+from tests.support.procs import SidecarProcess
 from tests.support.servers import wait_for
 
 pytestmark = pytest.mark.timeout(150)
@@ -37,19 +38,6 @@ TICK = 1.0  # the sidecar evaluates time-based alerts about once a second
 
 
 # -- the pieces of a story --------------------------------------------------------------------
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with fake_slack() as server:
-        yield server
-
-
-def producer(broker_url: str) -> Celery:
-    """The application side: sends tasks by name, with task-sent events (so alerts know the queue)."""
-    app = Celery("producer", broker=broker_url, set_as_current=False)
-    app.conf.update(task_send_sent_event=True, broker_connection_retry_on_startup=True)
-    return app
 
 
 def write_config(path: Path, alerts: dict[str, Any] | None = None, **top: Any) -> Path:
@@ -113,14 +101,12 @@ def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def quiet_for(seconds: float, predicate: Callable[[], bool]) -> bool:
-    """True if predicate stays false for `seconds` (for "and nothing else happens")."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return False
-        time.sleep(0.1)
-    return True
+def decided(side: SidecarProcess, moment: float, timeout: float = 30) -> None:
+    """Wait until the sidecar has evaluated its time-based alerts at or after ``moment`` (wall
+    clock) and delivered whatever that produced: from then on, nothing about ``moment`` can
+    still arrive. For "and nothing else happens", instead of sleeping through a window."""
+    side.wait_metric("celery_sidecar_last_tick_timestamp_seconds", lambda v: v >= moment, timeout=timeout)
+    settled(side)
 
 
 class FailureClock:
@@ -264,6 +250,8 @@ def test_alert_latency_from_task_failure_to_slack_is_measured_over_many_failures
     print("\n" + report)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "alert_latency.txt").write_text(report)
+    # A generous bound (the read batching alone adds up to 100 ms); the benchmark keeps the figure.
+    assert p99 < 1.0, report
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -361,8 +349,8 @@ def test_a_killed_worker_pages_offline_then_back_online_and_a_graceful_stop_is_i
     [shutdown] = wait_messages(slack, f"Worker shut down: {host}", timeout=15, side=side)
     assert headline(shutdown).startswith("[INFO]")
     # A graceful shutdown is not a page: no "offline" follows once heartbeats stop.
-    assert quiet_for(2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + 2 * TICK,
-                     lambda: len(messages(slack, "Worker offline")) > 1), [headline(r) for r in slack.accepted()]
+    decided(side, time.time() + 2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + TICK)
+    assert len(messages(slack, "Worker offline")) == 1, [headline(r) for r in slack.accepted()]
     assert [headline(r).split("] ", 1)[1] for r in slack.accepted()] == [
         f"Worker offline: {host}", f"RESOLVED: Worker back online: {host}", f"Worker shut down: {host}",
     ]
@@ -513,7 +501,8 @@ def test_a_threshold_edited_in_the_file_changes_alerting_without_a_restart(redis
     side.wait_metric("celery_queue_length", lambda v: v == 150, queue_name="backlog")
 
     # 150 is under 200: for longer than the rule's for_seconds, nothing is sent.
-    assert quiet_for(1 + 3 * TICK, lambda: bool(slack.requests)), [headline(r) for r in slack.accepted()]
+    decided(side, time.time() + 1 + 2 * TICK)
+    assert slack.requests == [], [headline(r) for r in slack.accepted()]
 
     write_config(path, alerts, queues=["backlog"], thresholds={"queue_length": {"normal": 100, "peak": 1000}})
     side.wait_metric("celery_threshold", lambda v: v == 100, signal="queue_length", level="normal",
@@ -525,11 +514,8 @@ def test_a_threshold_edited_in_the_file_changes_alerting_without_a_restart(redis
 
 
 def config_check(path: Path, webhook_url: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "SIDECAR_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    if webhook_url is not None:
-        env["SLACK_WEBHOOK_URL"] = webhook_url
-    return subprocess.run([sys.executable, "-m", "monitor", "config", "check", str(path)], env=env, cwd=ROOT,
+    env = child_env(**({"SLACK_WEBHOOK_URL": webhook_url} if webhook_url is not None else {}))
+    return subprocess.run([sys.executable, *SIDECAR, "config", "check", str(path)], env=env, cwd=SUITE,
                           capture_output=True, text=True, timeout=60)
 
 

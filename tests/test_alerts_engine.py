@@ -6,26 +6,23 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from alerts.delivery import build_dispatcher
-from alerts.engine import AlertEngine
-from exporters.probes import ProbeReadings
-from monitor.config import parse_config
-from monitor.pipeline import Pipeline
-from monitor.state import State
+from celery_sidecar.alerts.delivery import build_dispatcher
+from celery_sidecar.alerts.engine import AlertEngine
+from celery_sidecar.alerts.outbox import open_outbox
+from celery_sidecar.alerts.slack import SlackSettings
+from tests.support.inproc import DataPath
 
 T0 = 1_700_000_000.0
 
 
 def engine_after(tmp_path: Path, config: dict, runs: int, retried: int) -> AlertEngine:
     """An engine whose state saw ``runs`` runs of app.flaky, the first ``retried`` retried once."""
-    cfg = parse_config(config)
     now = T0 + 100
-    state = State(cfg, clock=lambda: now)
-    pipeline = Pipeline(state, [], clock=lambda: now)
-    dispatcher = build_dispatcher(cfg.alerts, webhook_url=None, bot_token=None, default_channel=None,
-                                  slack_base_url=None, broker_url="memory://", state_dir=tmp_path,
+    path = DataPath.build(config, now=now)
+    pipeline = path.pipeline
+    dispatcher = build_dispatcher(path.config, SlackSettings(), open_outbox("memory://", tmp_path),
                                   registry=CollectorRegistry(), instance_id="test")
-    engine = AlertEngine(cfg, state, dispatcher, ProbeReadings())
+    engine = AlertEngine(path.config, path.view, dispatcher)
     pipeline.add_sink(engine)
     for i in range(runs):
         uid, t = f"flaky-{i}", T0 + i

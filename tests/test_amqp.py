@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from celery.events.event import get_exchange
 from kombu import Connection
 
+from tests.support.clients import producer
 from tests.support.procs import SidecarProcess
 from tests.support.servers import rabbitmq_url, wait_for
 
@@ -45,12 +45,6 @@ def unique(prefix: str, names: list[str]) -> str:
     return name
 
 
-def client(url: str) -> Celery:
-    app = Celery("amqp-client", broker=url, set_as_current=False)
-    app.conf.update(task_send_sent_event=True, broker_connection_retry_on_startup=True)
-    return app
-
-
 def start_connected(sidecar, url: str, config: Path | None = None) -> SidecarProcess:
     proc = sidecar(url, config=config)
     wait_for(lambda: proc.health()[0] == 200, timeout=20, what="the sidecar to connect to RabbitMQ")
@@ -78,7 +72,7 @@ def test_tasks_on_rabbitmq_are_counted_per_queue_and_the_worker_is_a_consumer(am
     name = f"amqp-{uuid.uuid4().hex[:6]}"
     worker(amqp_url, name=name, queues=queue)
 
-    app = client(amqp_url)
+    app = producer(amqp_url)
     for _ in range(3):
         app.send_task("demo.ok", kwargs={"x": 2, "y": 3}, queue=queue)
     app.send_task("demo.fail", kwargs={"reason": "amqp says no"}, queue=queue)
@@ -101,7 +95,7 @@ def test_tasks_on_rabbitmq_are_counted_per_queue_and_the_worker_is_a_consumer(am
 
 def test_queue_length_and_consumers_of_an_unconsumed_queue_and_a_missing_one(amqp_url, queues, sidecar, tmp_path):
     waiting, missing = unique("q", queues), unique("missing", queues)
-    app = client(amqp_url)
+    app = producer(amqp_url)
     for i in range(7):
         app.send_task("demo.ok", kwargs={"x": i}, queue=waiting)  # declares the queue; nobody consumes it
 
@@ -133,15 +127,15 @@ def test_an_undecodable_event_message_on_rabbitmq_is_skipped_without_dropping_th
     queue under a new name, so every event published during the backoff is lost.
     """
     proc = start_connected(sidecar, amqp_url)
-    app = client(amqp_url)
+    app = producer(amqp_url)
     marker = f"amqp.after_{uuid.uuid4().hex[:8]}"
     with app.connection_for_write() as conn:
         exchange = get_exchange(conn)
-        producer = conn.Producer()
-        producer.publish(b"\x00\xffnot json{{", exchange=exchange, routing_key="task.sent",
-                         content_type="application/json", content_encoding="utf-8", declare=[exchange])
-        producer.publish(b"\x80\x04K\x01.", exchange=exchange, routing_key="task.sent",
-                         content_type="application/x-python-serialize", content_encoding="binary")
+        raw = conn.Producer()
+        raw.publish(b"\x00\xffnot json{{", exchange=exchange, routing_key="task.sent",
+                    content_type="application/json", content_encoding="utf-8", declare=[exchange])
+        raw.publish(b"\x80\x04K\x01.", exchange=exchange, routing_key="task.sent",
+                    content_type="application/x-python-serialize", content_encoding="binary")
         with app.events.Dispatcher(conn, hostname="prod@amqp", enabled=True, buffer_while_offline=False) as d:
             d.send("task-sent", uuid=str(uuid.uuid4()), name=marker, queue="celery")
 

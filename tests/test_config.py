@@ -6,18 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from monitor.config import Config, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from celery_sidecar.monitor.config import Config, load_config
+from tests.support.paths import SIDECAR, SUITE, child_env, package_file
 
 
 def check(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monitor", "config", "check", str(path)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return subprocess.run([sys.executable, *SIDECAR, "config", "check", str(path)],
+                          capture_output=True, text=True, cwd=SUITE, env=child_env(), timeout=60)
 
 
 def test_shipped_config_is_exactly_the_documented_defaults():
-    shipped = load_config(ROOT / "config" / "sidecar.yml")
+    shipped = load_config(package_file("defaults/sidecar.yml"))
     assert shipped == Config()
     t = shipped.thresholds
     assert (t.latency_seconds.normal, t.latency_seconds.heavy) == (5, 30)

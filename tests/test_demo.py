@@ -13,16 +13,11 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.support.procs import ARTIFACTS, ROOT, Metrics
+from tests.support.paths import ARTIFACTS, SIDECAR, SUITE, child_env
+from tests.support.procs import Metrics
 from tests.support.servers import free_port, wait_for
 
 DURATION = 20
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "SIDECAR_", "CELERY_"))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _redis_workdir(proc: psutil.Process) -> str | None:
@@ -39,8 +34,8 @@ def test_demo_shows_metrics_stops_by_itself_and_leaves_nothing_behind():
     out_path = ARTIFACTS / f"demo-{os.getpid()}-{time.monotonic_ns()}.log"
     with out_path.open("wb") as out:
         demo = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "demo", "--duration", str(DURATION), "--port", str(port)],
-            cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, *SIDECAR, "demo", "--duration", str(DURATION), "--port", str(port)],
+            cwd=SUITE, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     started = time.monotonic()
     me = psutil.Process(demo.pid)

@@ -2,7 +2,7 @@
 
 Every event here travels the real path: published to the ``celeryev`` exchange of a
 private redis-server (by celery's own EventDispatcher, a kombu Producer, or a raw
-PUBLISH for bytes no client would send), consumed by ``python -m monitor run``.
+PUBLISH for bytes no client would send), consumed by ``python -m celery_sidecar run``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from celery.events.event import get_exchange
 from celery.utils.time import adjust_timestamp, utcoffset
 
+from tests.support.clients import dispatch as send_events
+from tests.support.clients import producer
 from tests.support.procs import SidecarProcess
 from tests.support.servers import wait_for
 
@@ -28,25 +29,14 @@ PRODUCER = "prod@edge"
 # -- publishing helpers ----------------------------------------------------------------
 
 
-def _app(url: str, **conf) -> Celery:
-    app = Celery("edge-client", broker=url, set_as_current=False)
-    app.conf.update(broker_connection_retry_on_startup=True, **conf)
-    return app
-
-
 def dispatch(url: str, events: Iterable[tuple[str, dict]], hostname: str = PRODUCER) -> None:
     """Send events with celery's EventDispatcher (sets timestamp, utcoffset, clock, pid)."""
-    app = _app(url)
-    with app.connection_for_write() as conn, app.events.Dispatcher(
-        conn, hostname=hostname, enabled=True, buffer_while_offline=False
-    ) as dispatcher:
-        for etype, fields in events:
-            dispatcher.send(etype, **fields)
+    send_events(url, events, hostname)
 
 
 def publish_body(url: str, body: object, routing_key: str = "task.sent") -> None:
     """Publish any JSON body to the event exchange, as the dispatcher would route it."""
-    app = _app(url)
+    app = producer(url)
     with app.connection_for_write() as conn:
         exchange = get_exchange(conn)
         conn.Producer().publish(
@@ -227,7 +217,7 @@ def test_failed_task_is_labelled_with_the_exception_class_and_a_generic_hostname
     worker(redis_srv.url, name=name)
     host = hostname_of(proc, name)
 
-    client = _app(redis_srv.url, task_send_sent_event=True)
+    client = producer(redis_srv.url)
     client.send_task("demo.fail", kwargs={"reason": "disk 93% full on /dev/sda1"})
     client.send_task("demo.ok")
     proc.wait_metric("celery_task_failed_total", lambda v: v == 1, timeout=30, name="demo.fail")
@@ -253,7 +243,7 @@ def test_a_dead_workers_series_go_to_zero_then_disappear(redis_srv, sidecar, wor
     name = f"gone-{uuid.uuid4().hex[:6]}"
     victim = worker(redis_srv.url, name=name)
     host = hostname_of(proc, name)
-    _app(redis_srv.url, task_send_sent_event=True).send_task("demo.ok")
+    producer(redis_srv.url).send_task("demo.ok")
     proc.wait_metric("celery_task_succeeded_total", lambda v: v == 1, timeout=30, hostname=host)
 
     victim.kill(signal.SIGKILL)  # no worker-offline: only the heartbeats stop
@@ -277,7 +267,7 @@ def test_latency_source_is_received_without_task_sent_events_and_sent_with_them(
     worker(redis_srv.url, name=f"lat-{uuid.uuid4().hex[:6]}")
 
     # An app with celery's default task_send_sent_event=False.
-    _app(redis_srv.url).send_task("demo.ok")
+    producer(redis_srv.url, sent_events=False).send_task("demo.ok")
     proc.wait_metric("celery_task_succeeded_total", lambda v: v == 1, timeout=30, name="demo.ok")
     metrics = proc.metrics()
     assert metrics.get("celery_sidecar_latency_source", source="received") == 1
@@ -286,7 +276,7 @@ def test_latency_source_is_received_without_task_sent_events_and_sent_with_them(
     assert metrics.sum("celery_task_queue_wait_time_count", name="demo.ok") == 1  # measured from received
     assert proc.health()[1]["latency_source"] == "received"
 
-    _app(redis_srv.url, task_send_sent_event=True).send_task("demo.ok")
+    producer(redis_srv.url).send_task("demo.ok")
     proc.wait_metric("celery_task_succeeded_total", lambda v: v == 2, timeout=30, name="demo.ok")
     metrics = proc.metrics()
     assert metrics.sum("celery_task_sent_total", name="demo.ok") == 1

@@ -9,9 +9,9 @@ import threading
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.event_metrics import EventMetrics
-from monitor.config import Config
-from monitor.state import TASK_KINDS, TaskUpdate
+from celery_sidecar.exporters.event_metrics import EventMetrics
+from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.state import TASK_KINDS, TaskUpdate
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -44,7 +44,7 @@ def reference(metrics: EventMetrics) -> dict[tuple[str, frozenset], float]:
 
 
 def test_fast_exposition_equals_the_prometheus_client_rendering():
-    metrics = EventMetrics(Config())
+    metrics = EventMetrics(LiveConfig(Config()))
     feed(metrics, 3000)
     registry = CollectorRegistry()
     registry.register(metrics)
@@ -63,7 +63,7 @@ def test_fast_exposition_equals_the_prometheus_client_rendering():
 
 
 def test_prerender_only_runs_for_a_scraper_and_a_backlog():
-    metrics = EventMetrics(Config())
+    metrics = EventMetrics(LiveConfig(Config()))
     feed(metrics, 2000)
     assert not metrics.prerender(warm_for=600, backlog=0), "nobody has scraped yet"
     metrics.exposition()
@@ -76,7 +76,7 @@ def test_prerender_only_runs_for_a_scraper_and_a_backlog():
 
 def test_scrapes_racing_the_event_thread_lose_no_update():
     """Scrapes and prerenders run while events arrive; the last scrape must show them all."""
-    metrics = EventMetrics(Config())
+    metrics = EventMetrics(LiveConfig(Config()))
     done = threading.Event()
 
     def events() -> None:

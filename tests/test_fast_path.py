@@ -10,7 +10,6 @@ import base64
 import copy
 import threading
 import time
-from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -20,26 +19,21 @@ from celery.utils.time import utcoffset
 from kombu.utils.json import dumps
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporters.collectors import SidecarCollector
-from exporters.event_metrics import EventMetrics
-from monitor.config import Config
-from monitor.intake import Intake
-from monitor.pipeline import Pipeline
-from monitor.redis_stream import EventDecoder, endpoint_for, stream_events
-from monitor.state import State
-from monitor.status import Status
+from celery_sidecar.exporters.collectors import StateCollector
+from celery_sidecar.monitor.intake import Intake
+from celery_sidecar.monitor.redis_stream import EventDecoder, endpoint_for, stream_events
 from tests.bench.publish import Publisher
 from tests.bench.traffic import Message, Shape, TrafficGenerator, channel_for, encode_message
+from tests.support.inproc import DataPath
 from tests.support.servers import RedisServer, redis_server, wait_for
 
 # Celery's sign convention: hours *west* of UTC (time.timezone / 3600); India is -5.5.
 SENDER_UTCOFFSET = -5.5
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
+@pytest.fixture
+def redis(module_redis: RedisServer) -> RedisServer:
+    return module_redis
 
 
 def _raw(payload: bytes, routing_key: str = "task.multi") -> Message:
@@ -71,7 +65,7 @@ MALFORMED: list[tuple[bytes, str]] = [
 ]
 # Broken envelopes kombu itself trips over before EventReceiver sees anything: unguarded, it
 # logs and drops the first, and raises out of drain_events on the second (a reconnect).
-# Both paths count both and carry on (the stock path through monitor/intake.py's guards).
+# Both paths count both and carry on (the stock path through monitor/stock_stream.py's guards).
 BROKEN_ENVELOPES: list[tuple[bytes, str]] = [
     (b"{not json", "undecodable"),
     (_envelope({}).replace(b'"body": "e30="', b'"body": "%%%not base64"'), "undecodable"),
@@ -96,17 +90,15 @@ class _Consumer:
     """One sidecar data path (intake → pipeline → event metrics) in a thread."""
 
     def __init__(self, url: str, fast_path: bool) -> None:
-        config = Config()
-        self.state = State(config)
-        self.metrics = EventMetrics(config)
-        self.pipeline = Pipeline(self.state, [self.metrics])
-        self.status = Status()
-        self.intake = Intake(url, {}, self.pipeline, self.status, fast_path=fast_path)
+        path = DataPath.build(now=None)
+        self.state, self.metrics, self.pipeline = path.state, path.metrics, path.pipeline
+        self.status = path.pipeline.status
+        self.intake = Intake(url, {}, self.pipeline, fast_path=fast_path)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.intake.run, args=(self.stop,), daemon=True)
         self.registry = CollectorRegistry()
         self.registry.register(self.metrics)
-        self.registry.register(SidecarCollector(self.pipeline, self.status))
+        self.registry.register(StateCollector(path.view, path.config))
 
     def taken_in(self) -> int:
         counters = self.state.counters
@@ -136,24 +128,29 @@ def test_fast_and_stock_paths_export_identical_metrics_for_the_same_stream(redis
         wait_for(lambda: _pattern_subscribers(redis) >= 2, timeout=10, what="both subscriptions")
         publisher = Publisher(redis.port)
         publisher.publish(messages)
+        # Each malformed message is one skip, and the list holding one good event adds it.
+        expected = good_events + 1 + len(MALFORMED) + len(BROKEN_ENVELOPES)
+        # A last event after the stream: once a consumer has it, it has everything before it
+        # (one connection, in order), so a duplicate or double count would already show.
+        publisher.publish([_raw(_envelope({"type": "worker-heartbeat", "hostname": "sentinel@h",
+                                           "timestamp": time.time(), "freq": 2.0}), "worker.heartbeat")])
         publisher.wait_replies()
         publisher.close()
-        # Each malformed message is one skip, except the list that also holds one good event.
-        expected = good_events + len(MALFORMED) + 1
-        wait_for(lambda: all(c.taken_in() >= expected for c in consumers), timeout=60,
-                 what=f"{expected} events in both pipelines")
-        time.sleep(0.3)  # anything extra (a duplicate, a double count) would show up now
+        wait_for(lambda: all("sentinel@h" in c.state.workers for c in consumers), timeout=60,
+                 what="the sentinel heartbeat in both pipelines")
     finally:
         for consumer in consumers:
             consumer.stop.set()
         for consumer in consumers:
             consumer.thread.join(10)
 
+    assert all(c.taken_in() == expected + 1 for c in consumers), [c.taken_in() for c in consumers]
     fast, stock = (c.exposition() for c in consumers)
     assert fast == stock
     # Non-trivial: the totals are exactly what was generated and spliced in.
     fast_counters = consumers[0].state.counters
-    assert sum(fast_counters.events_by_type.values()) == good_events + 1  # + the good event in the bad list
+    # + the good event in the bad list, + the sentinel
+    assert sum(fast_counters.events_by_type.values()) == good_events + 2
     expected_skips: dict[str, int] = {}
     for _, reason in MALFORMED + BROKEN_ENVELOPES:
         expected_skips[reason] = expected_skips.get(reason, 0) + 1
@@ -215,7 +212,7 @@ def test_malformed_message_is_counted_and_skipped(payload: bytes, reason: str) -
 
 
 def test_pipeline_counts_every_skip_reason_of_the_fast_path() -> None:
-    pipeline = Pipeline(State(Config()))
+    pipeline = DataPath.build().pipeline
     decoder = EventDecoder(pipeline.handle, pipeline.skip)
     for payload, _ in MALFORMED + BROKEN_ENVELOPES:
         decoder.feed(payload)
@@ -375,6 +372,10 @@ def test_an_idle_subscription_is_pinged_and_stays_up(redis: RedisServer) -> None
     skipped: list[str] = []
     errors: list[BaseException] = []
     stop, ready = threading.Event(), threading.Event()
+    admin = redis.client()
+
+    def pings() -> int:
+        return int(admin.info("commandstats").get("cmdstat_ping", {}).get("calls", 0))
 
     def run() -> None:
         try:
@@ -383,16 +384,19 @@ def test_an_idle_subscription_is_pinged_and_stays_up(redis: RedisServer) -> None
         except BaseException as exc:  # noqa: BLE001 - reported by the assert below
             errors.append(exc)
 
+    before = pings()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
         assert ready.wait(10)
-        time.sleep(2.0)  # several PING/pong rounds
+        # Several PING/pong rounds on the idle subscription (nobody else here sends PING).
+        wait_for(lambda: pings() >= before + 3, timeout=10, what="three PINGs from the idle reader")
         app = Celery(broker=redis.url, set_as_current=False)
         with app.connection_for_write() as conn:
             EventDispatcher(conn, hostname="w1@h", app=app).send("worker-heartbeat", freq=2.0)
         wait_for(lambda: received, timeout=5, what="the heartbeat")
         assert (errors, skipped, [e["type"] for e in received]) == ([], [], ["worker-heartbeat"])
+        assert thread.is_alive(), "the reader gave up on an idle but healthy connection"
     finally:
         stop.set()
         thread.join(5)

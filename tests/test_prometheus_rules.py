@@ -15,10 +15,12 @@ import jinja2
 import pytest
 import yaml
 
-REPO = Path(__file__).parents[1]
-RULES = REPO / "alerts" / "prometheus" / "rules.yml"
-RULES_TEST = REPO / "alerts" / "prometheus" / "tests" / "rules_test.yml"
-ALERTMANAGER_TEMPLATE = REPO / "alerts" / "prometheus" / "alertmanager.yml.j2"
+from tests.support.paths import package_file
+
+# The installed package's copies: what render writes and Prometheus loads.
+RULES = package_file("alerts/prometheus/rules.yml")
+RULES_TEST = package_file("alerts/prometheus/tests/rules_test.yml")
+ALERTMANAGER_TEMPLATE = package_file("alerts/prometheus/alertmanager.yml.j2")
 
 INSTALL_HINT = {
     "promtool": "apt-get install prometheus  (or a release tarball from prometheus.io)",
@@ -34,7 +36,7 @@ def require_tool(name: str) -> str:
 
 
 def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(a) for a in argv], cwd=RULES.parent, capture_output=True, text=True, timeout=120)
 
 
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:

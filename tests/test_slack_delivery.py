@@ -17,13 +17,18 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from alerts.blocks import MAX_BLOCKS, MAX_HEADER_TEXT, MAX_SECTION_TEXT
-from alerts.config import AlertsConfig, MuteWindow, check_templates, validate_webhook_url
-from alerts.delivery import DeliveryTiming, Dispatcher, build_dispatcher
-from alerts.model import Alert
-from alerts.routing import Router
-from tests.support.fake_slack import TOKEN, FakeSlack, fake_slack
-from tests.support.servers import RedisServer, redis_server, wait_for
+from celery_sidecar.alerts.blocks import MAX_BLOCKS, MAX_HEADER_TEXT, MAX_SECTION_TEXT, check_templates
+from celery_sidecar.alerts.delivery import DeliveryTiming, Dispatcher, build_dispatcher
+from celery_sidecar.alerts.model import Alert
+from celery_sidecar.alerts.outbox import open_outbox
+from celery_sidecar.alerts.routing import Router
+from celery_sidecar.alerts.slack import SlackSettings, validate_webhook_url
+from celery_sidecar.monitor.alerts_config import AlertsConfig, MuteWindow
+from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.reload import ConfigReloader
+from celery_sidecar.monitor.status import Status
+from tests.support.fake_slack import TOKEN, FakeSlack
+from tests.support.servers import RedisServer, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,22 +62,16 @@ def make_alert(key: str, **overrides) -> Alert:
     return Alert(**values)
 
 
-@pytest.fixture(scope="module")
-def redis_srv() -> Iterator[RedisServer]:
-    with redis_server() as server:
-        yield server
+@pytest.fixture
+def redis_srv(module_redis: RedisServer) -> RedisServer:
+    """One redis-server for the module, emptied for each test."""
+    module_redis.client().flushall()
+    return module_redis
 
 
 @pytest.fixture
 def broker(redis_srv: RedisServer) -> str:
-    redis_srv.client().flushall()
     return redis_srv.url
-
-
-@pytest.fixture
-def slack() -> Iterator[FakeSlack]:
-    with fake_slack() as server:
-        yield server
 
 
 @pytest.fixture
@@ -82,24 +81,21 @@ def sidecar(tmp_path: Path, slack: FakeSlack) -> Iterator[Callable[..., Dispatch
 
     def start(
         broker_url: str,
-        cfg: AlertsConfig = QUICK,
+        cfg: AlertsConfig | LiveConfig = QUICK,
         mode: str = "webhook",
         instance_id: str = "sidecar-1",
         default_channel: str | None = "#alerts",
         timing: DeliveryTiming = FAST,
     ) -> Dispatcher:
-        dispatcher = build_dispatcher(
-            cfg,
+        live = cfg if isinstance(cfg, LiveConfig) else LiveConfig(Config(alerts=cfg))
+        settings = SlackSettings(
             webhook_url=slack.webhook_url if mode == "webhook" else None,
             bot_token=TOKEN if mode == "bot" else None,
-            default_channel=default_channel if mode == "bot" else None,
-            slack_base_url=slack.api_url,
-            broker_url=broker_url,
-            state_dir=tmp_path / "state",
-            registry=CollectorRegistry(),
-            instance_id=instance_id,
-            timing=timing,
+            channel=default_channel if mode == "bot" else None,
+            base_url=slack.api_url,
         )
+        dispatcher = build_dispatcher(live, settings, open_outbox(broker_url, tmp_path / "state"),
+                                      registry=CollectorRegistry(), instance_id=instance_id, timing=timing)
         dispatcher.start()
         started.append(dispatcher)
         return dispatcher
@@ -254,13 +250,17 @@ def test_a_restart_during_a_slack_outage_loses_nothing_and_posts_each_alert_once
     first.stop(timeout=1)
 
     second = sidecar(broker, instance_id="sidecar-b")
-    time.sleep(1.0)  # still down: the new sidecar retries what the old one left
+    # Still down: the new sidecar picks up what the old one left, and its attempts fail too.
+    wait_for(
+        lambda: metric(second, "celery_sidecar_alerts_failed_total", reason="connection") >= 3,
+        timeout=10,
+        what="the second sidecar's attempts at the three alerts it took over",
+    )
     assert slack.accepted() == []
     slack.up()
 
     delivered(slack, 3)
     settled(second)
-    time.sleep(0.5)
     assert sorted(sent_keys(slack)) == ["a1", "a2", "a3"]
 
 
@@ -274,7 +274,6 @@ def test_two_sidecars_on_one_broker_post_each_alert_once(broker, slack, sidecar)
 
     delivered(slack, 6)
     settled(one, two)
-    time.sleep(0.5)
     assert sorted(sent_keys(slack)) == [f"k{i}" for i in range(6)]
 
 
@@ -285,10 +284,10 @@ def test_a_dead_sidecars_claim_expires_and_another_sidecar_sends(broker, redis_s
     started = time.monotonic()
     dispatcher.submit(alert)
 
-    time.sleep(1.0)
-    assert slack.accepted() == [], "sent while another sidecar held the claim"
     delivered(slack, 1)
-    assert slack.accepted()[0].at - started >= 1.4
+    settled(dispatcher)
+    [message] = slack.accepted()
+    assert message.at - started >= 1.4, "sent while another sidecar held the claim"
 
 
 def test_alerts_raised_while_the_broker_redis_is_down_are_sent_when_it_is_back(broker, redis_srv, slack, sidecar):
@@ -337,7 +336,6 @@ def test_a_muted_alert_is_dropped_and_so_is_its_resolution(broker, slack, sideca
 
     delivered(slack, 1)
     settled(dispatcher)
-    time.sleep(0.3)
     assert len(slack.accepted()) == 1
     assert sent_keys(slack) == ["loud"]
     assert metric(dispatcher, "celery_sidecar_alerts_dropped_total", reason="muted") == 1
@@ -368,14 +366,19 @@ def test_task_patterns_include_and_exclude(broker, slack, sidecar):
 
     delivered(slack, 2)
     settled(dispatcher)
-    time.sleep(0.3)
     assert sorted(sent_keys(slack)) == ["no-task", "wanted"]
     assert metric(dispatcher, "celery_sidecar_alerts_dropped_total", reason="excluded") == 2
 
 
 def test_a_reloaded_config_applies_and_a_broken_one_is_refused(broker, slack, sidecar, tmp_path):
-    dispatcher = sidecar(broker)
-    dispatcher.update_config(QUICK.model_copy(update={"exclude_tasks": ["app.tasks.*"]}))
+    path = tmp_path / "sidecar.yml"
+    path.write_text("alerts: {rate_limit_per_second: 50}\n")
+    live, status = LiveConfig(Config(alerts=QUICK)), Status()
+    dispatcher = sidecar(broker, live)
+    reloader = ConfigReloader(path, live, status, [dispatcher.check])
+
+    path.write_text("alerts: {rate_limit_per_second: 50, exclude_tasks: ['app.tasks.*']}\n")
+    assert reloader.check()
     dispatcher.submit(make_alert("excluded"))
     dispatcher.submit(make_alert("kept", task_name="billing.charge"))
     delivered(slack, 1)
@@ -383,8 +386,10 @@ def test_a_reloaded_config_applies_and_a_broken_one_is_refused(broker, slack, si
     templates = tmp_path / "broken"
     templates.mkdir()
     (templates / "default.json.j2").write_text("[{{ alert.title }")
-    with pytest.raises(ValueError, match=r"default\.json\.j2"):
-        dispatcher.update_config(QUICK.model_copy(update={"templates_dir": templates}))
+    path.write_text(f"alerts: {{rate_limit_per_second: 50, templates_dir: {str(templates)!r}}}\n")
+    assert not reloader.check()
+    assert "default.json.j2" in status.config_error
+    assert live.current.alerts.exclude_tasks == ["app.tasks.*"], "the refused edit changed nothing"
     dispatcher.submit(make_alert("after", task_name="billing.charge"))
 
     delivered(slack, 2)
@@ -426,17 +431,8 @@ def test_a_broken_template_is_refused_with_its_name(tmp_path, slack):
     with pytest.raises(ValueError, match=r"threshold\.json\.j2.*valid JSON"):
         check_templates(cfg)
     with pytest.raises(ValueError, match=r"threshold\.json\.j2"):
-        build_dispatcher(
-            cfg,
-            webhook_url=slack.webhook_url,
-            bot_token=None,
-            default_channel=None,
-            slack_base_url=None,
-            broker_url=AMQP_BROKER,
-            state_dir=tmp_path,
-            registry=CollectorRegistry(),
-            instance_id="x",
-        )
+        build_dispatcher(LiveConfig(Config(alerts=cfg)), SlackSettings(webhook_url=slack.webhook_url),
+                         open_outbox(AMQP_BROKER, tmp_path), registry=CollectorRegistry(), instance_id="x")
 
 
 def test_a_webhook_url_that_is_not_https_is_refused_without_showing_it(tmp_path):
@@ -448,17 +444,8 @@ def test_a_webhook_url_that_is_not_https_is_refused_without_showing_it(tmp_path)
     assert validate_webhook_url("https://hooks.slack.com" + secret)
     assert validate_webhook_url("http://127.0.0.1:9" + secret)
     with pytest.raises(ValueError, match="https"):
-        build_dispatcher(
-            AlertsConfig(),
-            webhook_url="http://example.com" + secret,
-            bot_token=None,
-            default_channel=None,
-            slack_base_url=None,
-            broker_url=AMQP_BROKER,
-            state_dir=tmp_path,
-            registry=CollectorRegistry(),
-            instance_id="x",
-        )
+        build_dispatcher(LiveConfig(Config()), SlackSettings(webhook_url="http://example.com" + secret),
+                         open_outbox(AMQP_BROKER, tmp_path), registry=CollectorRegistry(), instance_id="x")
 
 
 def test_a_huge_traceback_and_many_fields_fit_block_kit_limits(broker, slack, sidecar):

@@ -18,8 +18,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from monitor.render import render_command
-from tests.support.stack import COMPOSE_FILE, DASHBOARD, REPO, RULES, dashboard_expressions
+from celery_sidecar.render import render_command
+from tests.support.paths import SOURCE, package_file
+from tests.support.stack import COMPOSE_FILE, DASHBOARD, dashboard_expressions
 
 GOOD_ENV = {
     "ALLOW_CIDRS": "10.0.0.0/8, 192.168.1.0/24,2001:db8::/32",
@@ -37,8 +38,12 @@ COMPOSE_ENV = {
 }
 
 
-def needs(tool: str):
-    return pytest.mark.skipif(shutil.which(tool) is None, reason=f"{tool} is not installed")
+def require(tool: str) -> str:
+    """The tool's path; a missing tool fails the test (scripts/test installs them all)."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed: scripts/test installs it with apt-get", pytrace=False)
+    return path
 
 
 def render(out: Path, env: dict[str, str], *args: str):
@@ -49,12 +54,12 @@ def render(out: Path, env: dict[str, str], *args: str):
 
 @pytest.fixture
 def rendered(tmp_path: Path) -> Path:
-    result = render(tmp_path / "out", GOOD_ENV, "--rules-path", str(RULES))
+    out = tmp_path / "out"
+    result = render(out, GOOD_ENV, "--rules-path", str(out / "prometheus" / "rules" / "*.yml"))
     assert result.exit_code == 0, result.output
-    return tmp_path / "out"
+    return out
 
 
-@needs("nginx")
 def test_rendered_nginx_config_passes_nginx_t(rendered: Path, tmp_path: Path):
     conf = rendered / "nginx" / "nginx.conf"
     text = conf.read_text()
@@ -62,7 +67,7 @@ def test_rendered_nginx_config_passes_nginx_t(rendered: Path, tmp_path: Path):
     assert "deny all;" in text
     assert "set_real_ip_from 172.16.0.0/12;" in text
     result = subprocess.run(
-        ["nginx", "-t", "-c", str(conf), "-p", str(tmp_path), "-e", "stderr",
+        [require("nginx"), "-t", "-c", str(conf), "-p", str(tmp_path), "-e", "stderr",
          "-g", f"pid {tmp_path / 'nginx.pid'};"],
         capture_output=True, text=True, timeout=30,
     )
@@ -80,15 +85,15 @@ def test_htpasswd_holds_a_bcrypt_hash_not_the_password(rendered: Path):
             assert GOOD_ENV["FLOWER_PASSWORD"] not in path.read_text(), path
 
 
-@needs("promtool")
 def test_rendered_prometheus_config_passes_promtool(rendered: Path):
     config = rendered / "prometheus" / "prometheus.yml"
-    assert str(RULES) in yaml.safe_load(config.read_text())["rule_files"]
-    result = subprocess.run(["promtool", "check", "config", str(config)],
+    rules = rendered / "prometheus" / "rules" / "celery-sidecar.yml"
+    assert yaml.safe_load(config.read_text())["rule_files"] == [str(rules.parent / "*.yml")]
+    assert rules.read_text() == package_file("alerts/prometheus/rules.yml").read_text(), "the shipped rules"
+    result = subprocess.run([require("promtool"), "check", "config", str(config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    if RULES.exists():
-        assert "SUCCESS" in result.stdout and "rules found" in result.stdout, result.stdout
+    assert "SUCCESS" in result.stdout and "rules found" in result.stdout, result.stdout
 
 
 def test_grafana_provisioning_has_fixed_datasource_and_dashboard_provider(rendered: Path):
@@ -133,9 +138,8 @@ def test_alertmanager_profile_renders_the_webhook_into_a_file_not_the_config(tmp
     am = tmp_path / "out/alertmanager/alertmanager.yml"
     assert hook not in am.read_text() and hook not in result.output
     assert (tmp_path / "out/alertmanager/slack_webhook_url").read_text().strip() == hook
-    if shutil.which("amtool"):
-        check = subprocess.run(["amtool", "check-config", str(am)], capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
+    check = subprocess.run([require("amtool"), "check-config", str(am)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 # --- compose ----------------------------------------------------------------------------
@@ -145,19 +149,17 @@ def compose_config(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedP
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
     return subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config"],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
+        [require("docker-compose"), "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config"],
+        capture_output=True, text=True, timeout=60, cwd=SOURCE,
         env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env},
     )
 
 
-@needs("docker-compose")
 def test_compose_file_validates_with_the_required_settings(tmp_path: Path):
     result = compose_config(COMPOSE_ENV, tmp_path)
     assert result.returncode == 0, result.stderr
 
 
-@needs("docker-compose")
 @pytest.mark.parametrize("missing", ["FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "ALLOW_CIDRS",
                                      "CELERY_BROKER_URL"])
 def test_compose_refuses_to_start_without_a_required_setting(missing: str, tmp_path: Path):
@@ -171,15 +173,17 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
-def test_every_file_the_compose_file_mounts_is_in_the_repo():
+def test_the_compose_file_mounts_nothing_from_the_checkout_but_the_config():
+    """The stack runs from the image: everything else comes from render's volumes."""
     for name, service in compose()["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith((".", "/")):
-                assert (REPO / source).exists(), f"{name} mounts {source}, which is not in the repo"
+                assert source == "./config", f"{name} mounts {source} from the checkout"
+                assert (SOURCE / source / "sidecar.yml").exists()
         build = service.get("build")
         if build:
-            assert (REPO / build["context"] / build.get("dockerfile", "Dockerfile")).exists()
+            assert (SOURCE / build["context"] / build.get("dockerfile", "Dockerfile")).exists()
 
 
 def test_compose_paths_agree_with_what_render_writes(rendered: Path):
@@ -193,6 +197,7 @@ def test_compose_paths_agree_with_what_render_writes(rendered: Path):
     render_mounts = {v.split(":")[0]: v.split(":")[1] for v in services["render"]["volumes"]}
     assert render_mounts == {"nginx-conf": "/out/nginx", "prometheus-conf": "/out/prometheus",
                              "grafana-provisioning": "/out/grafana/provisioning",
+                             "grafana-dashboards": "/out/grafana/dashboards",
                              "alertmanager-conf": "/out/alertmanager"}
     assert services["render"]["command"][-2:] == ["--out", "/out"]
 
@@ -200,13 +205,14 @@ def test_compose_paths_agree_with_what_render_writes(rendered: Path):
     assert nginx[nginx.index("-c") + 1] == mount("nginx", "nginx-conf") + "/nginx.conf"
     assert "--config.file=" + mount("prometheus", "prometheus-conf") + "/prometheus.yml" in \
         services["prometheus"]["command"]
-    rules_target = mount("prometheus", "./alerts/prometheus/rules.yml")
     default_rules = render_command.params[[p.name for p in render_command.params].index("rules_path")].default
-    assert Path(rules_target).match(default_rules)
+    assert default_rules == mount("prometheus", "prometheus-conf") + "/rules/*.yml"
+    assert (rendered / "prometheus" / "rules" / "celery-sidecar.yml").exists()
     assert mount("grafana", "grafana-provisioning") == "/etc/grafana/provisioning"
     provider = yaml.safe_load((rendered / "grafana/provisioning/dashboards/celery-sidecar.yml").read_text())
-    dashboards = mount("grafana", "./grafana/dashboards")
+    dashboards = mount("grafana", "grafana-dashboards")
     assert provider["providers"][0]["options"]["path"] == dashboards
+    assert (rendered / "grafana" / "dashboards" / DASHBOARD.name).read_text() == DASHBOARD.read_text()
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{dashboards}/{DASHBOARD.name}"
     am = services["alertmanager"]["command"]
@@ -221,7 +227,7 @@ def test_only_nginx_publishes_a_port():
 
 
 def test_sidecar_image_runs_as_non_root_with_a_healthcheck():
-    dockerfile = (REPO / "Dockerfile").read_text()
+    dockerfile = (SOURCE / "Dockerfile").read_text()
     final_stage = dockerfile.split("\nFROM ")[-1]
     assert final_stage.startswith("python:3.11-slim")
     assert "\nUSER " in final_stage and "USER root" not in final_stage
@@ -258,7 +264,7 @@ def test_every_dashboard_panel_queries_prometheus_through_the_variable():
 
 
 def test_dashboard_uses_only_contract_metric_names():
-    contract = (REPO / "docs" / "architecture.md").read_text()
+    contract = (SOURCE / "docs" / "architecture.md").read_text()
     families = {"celery_task_" + s + "_total" for s in
                 ("sent", "received", "started", "succeeded", "failed", "rejected", "revoked", "retried")}
     names: set[str] = set()

@@ -14,12 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from exporters.collectors import WorkerCollector
-from exporters.event_metrics import OTHER, EventMetrics
-from monitor.config import parse_config
-from monitor.pipeline import Pipeline
-from monitor.state import State
-from monitor.windows import RatioWindow, SampleWindow
+from celery_sidecar.exporters.event_metrics import OTHER, EventMetrics
+from celery_sidecar.monitor.pipeline import Pipeline
+from celery_sidecar.monitor.state import State
+from celery_sidecar.monitor.windows import RatioWindow, SampleWindow
+from tests.support.inproc import DataPath
 
 T0 = 1_700_000_000.0
 MAX_TASKS = 1_000
@@ -75,13 +74,11 @@ def traced_bytes() -> int:
 
 
 def test_300k_task_lifecycles_keep_state_memory_and_series_bounded():
-    cfg = parse_config({
+    path = DataPath.build({
         "state": {"max_tasks": MAX_TASKS},
         "cardinality": {"max_task_names": MAX_NAMES, "max_exceptions": MAX_EXCEPTIONS},
-    })
-    state = State(cfg, clock=lambda: T0 + 300)
-    metrics = EventMetrics(cfg)
-    pipeline = Pipeline(state, [metrics], clock=lambda: T0 + 300)
+    }, now=T0 + 300)
+    state, metrics, pipeline = path.state, path.metrics, path.pipeline
 
     tracemalloc.start()
     try:
@@ -122,11 +119,9 @@ def test_300k_task_lifecycles_keep_state_memory_and_series_bounded():
 
 
 def _known_latency_pipeline(waits: list[tuple[str, float]]) -> tuple[State, EventMetrics, float]:
-    cfg = parse_config({"heavy_tasks": ["report.*"]})
     now = T0 + 100
-    state = State(cfg, clock=lambda: now)
-    metrics = EventMetrics(cfg)
-    pipeline = Pipeline(state, [metrics], clock=lambda: now)
+    path = DataPath.build({"heavy_tasks": ["report.*"]}, now=now)
+    state, metrics, pipeline = path.state, path.metrics, path.pipeline
     for i, (name, wait) in enumerate(waits):
         t = T0 + i * 0.01
         pipeline.handle({"type": "task-sent", "uuid": f"u{i}", "name": name, "queue": "celery",
@@ -185,10 +180,9 @@ def test_retry_ratio_window_slides_over_the_configured_time():
 
 
 def test_retry_ratio_per_task_name_is_exported_and_capped():
-    cfg = parse_config({"cardinality": {"max_task_names": 3}})
     now = T0 + 10
-    state = State(cfg, clock=lambda: now)
-    pipeline = Pipeline(state, [], clock=lambda: now)
+    path = DataPath.build({"cardinality": {"max_task_names": 3}}, now=now)
+    state, pipeline = path.state, path.pipeline
 
     def run(name: str, uid: str, retried: bool, t: float) -> None:
         pipeline.handle({"type": "task-sent", "uuid": uid, "name": name, "queue": "celery",
@@ -211,13 +205,11 @@ def test_retry_ratio_per_task_name_is_exported_and_capped():
     assert state.retry_windows["app.flaky"].ratio(now) == pytest.approx(0.2)
     assert state.retry_windows[OTHER].counts(now) == (6, 12)
 
-    families = {f.name: f for f in WorkerCollector(pipeline).collect()}
-    exported = {s.labels["name"]: s.value for s in families["celery_task_retry_ratio"].samples}
+    exported = {s.labels["name"]: s.value for s in path.families()["celery_task_retry_ratio"].samples}
     assert exported == pytest.approx({"app.flaky": 0.2, "app.n0": 0.5, "app.n1": 0.5, OTHER: 0.5})
     # Far outside the window, nothing is exported (no stale ratio keeps an alert firing).
-    later = {s.labels["name"] for f in WorkerCollector(Pipeline(state, [], clock=lambda: now + 3600)).collect()
-             if f.name == "celery_task_retry_ratio" for s in f.samples}
-    assert later == set()
+    later = path.at(now + 3600).families()["celery_task_retry_ratio"].samples
+    assert later == []
 
 
 def test_late_events_do_not_erase_the_current_retry_ratio():
@@ -226,10 +218,9 @@ def test_late_events_do_not_erase_the_current_retry_ratio():
     One such event, stamped more than the retry window ago, lands in the ring slot of a
     live bucket. It must not wipe that bucket: the ratio of the last minutes stays.
     """
-    cfg = parse_config({})  # retry window 300 s
     now = T0 + 1005
-    state = State(cfg, clock=lambda: now)
-    pipeline = Pipeline(state, [], clock=lambda: now)
+    path = DataPath.build({}, now=now)  # retry window 300 s
+    state, pipeline = path.state, path.pipeline
     for i in range(10):
         uid = f"r{i}"
         pipeline.handle({"type": "task-sent", "uuid": uid, "name": "app.flaky", "queue": "celery",

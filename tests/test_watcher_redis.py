@@ -5,15 +5,9 @@ from __future__ import annotations
 import time
 
 import httpx
-from celery import Celery
 
+from tests.support.clients import producer
 from tests.support.servers import wait_for
-
-
-def producer(broker_url: str, **conf) -> Celery:
-    app = Celery("producer", broker=broker_url, set_as_current=False)
-    app.conf.update(task_send_sent_event=True, **conf)
-    return app
 
 
 def test_succeeded_failed_and_retried_tasks_are_counted(redis_srv, sidecar, worker):
@@ -133,7 +127,7 @@ def test_invalid_config_edit_is_refused_and_a_valid_one_applies_live(redis_srv, 
 def test_worker_without_task_events_is_detected_and_enable_events_fixes_it(redis_srv, sidecar, worker):
     side = sidecar(redis_srv.url)
     worker(redis_srv.url, name="quiet", events=False, app="tests.support.plain_app")
-    app = Celery("producer", broker=redis_srv.url, set_as_current=False)
+    app = producer(redis_srv.url, sent_events=False)
     side.wait_metric("celery_worker_up", lambda v: v == 1, timeout=30)
     for _ in range(3):
         app.send_task("plain.ok")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import statistics
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tests.bench import scenarios
 from tests.bench.report import Row, machine, render
-from tests.bench.targets import CountingConsumer, Sidecar, sidecar_supports_no_fast_path
+from tests.bench.targets import CountingConsumer, Sidecar
 from tests.bench.traffic import Shape, build
 
 TARGETS = {"drain": 30_000, "rss_mb": 100, "scrape_ms": 100, "cpu_percent": 10}
@@ -55,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="record the fast-path drain with py-spy (raw collapsed stacks) into FILE and "
                         "print the functions that take the most time")
     p.add_argument("--sidecar-arg", action="append", default=[],
-                   help="extra argument for `python -m monitor run` (repeatable)")
+                   help="extra argument for `python -m celery_sidecar run` (repeatable)")
     return p
 
 
@@ -75,7 +74,7 @@ class Plan:
     cpu_seconds: float
     scrape: tuple[int, int, int]  # task names, workers, queues
     config: str  # sidecar config file
-    extra: list[str] = field(default_factory=list)  # extra `monitor run` arguments
+    extra: list[str] = field(default_factory=list)  # extra `celery_sidecar run` arguments
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -93,9 +92,6 @@ class Plan:
             config=_bench_config(config_dir, names),
             extra=list(args.sidecar_arg),
         )
-        if importlib.util.find_spec("alerts.engine") is None and "--no-alerts" not in plan.extra:
-            plan.extra.append("--no-alerts")
-            plan.notes.append("alerts.engine is not in this checkout: the sidecar runs with --no-alerts")
         return plan
 
     def sidecar(self, fast_path: bool = True) -> scenarios.TargetFactory:
@@ -136,12 +132,7 @@ def _drain(plan: Plan) -> list[Row]:
                 met)]
     _check_complete(rows, fast)
     if args.compare_stock:
-        if sidecar_supports_no_fast_path():
-            stock = scenarios.drain(plan.sidecar(False), messages, totals.events, _progress)
-        else:
-            plan.notes.append("`monitor run` has no --no-fast-path: compared with a bare EventReceiver")
-            stock = scenarios.drain(lambda url: CountingConsumer("stock", url), messages, totals.events,
-                                    _progress)
+        stock = scenarios.drain(plan.sidecar(False), messages, totals.events, _progress)
         rows.append(Row(f"drain rate, {stock.label}", f"{stock.rate:,.0f} events/s"))
         _check_complete(rows, stock)
         ratio = fast.rate / stock.rate if stock.rate else float("inf")

@@ -3,7 +3,7 @@
     python -m tests.bench.consumers stock|fast BROKER_URL COUNT_FILE
 
 ``stock`` is ``celery.events.EventReceiver`` with a counting ``*`` handler (what most
-monitors are built on); ``fast`` is monitor.redis_stream with the same handler. Each
+monitors are built on); ``fast`` is celery_sidecar.monitor.redis_stream with the same handler. Each
 writes its event count to COUNT_FILE every 50 ms, so the benchmark can read it without
 touching the consumer's socket or GIL.
 """
@@ -17,7 +17,7 @@ import threading
 
 from celery import Celery
 
-from monitor.redis_stream import stream_events
+from celery_sidecar.monitor.redis_stream import stream_events
 
 
 class Counter:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psutil
 
+from tests.support.paths import SIDECAR, SUITE
 from tests.support.servers import free_port, wait_for
 
-_REPO = Path(__file__).resolve().parents[2]
 _EVENTS_TOTAL = re.compile(rb"^celery_sidecar_events_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 _SKIPPED_TOTAL = re.compile(rb"^celery_sidecar_events_skipped_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 _RECONNECTS = re.compile(rb"^celery_sidecar_reconnects_total ([0-9.e+]+)$", re.M)
@@ -35,7 +35,7 @@ class Target:
 
     def start(self) -> None:
         log = open(os.path.join(self.workdir, "consumer.log"), "wb")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(self.argv, cwd=_REPO, stdout=log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(self.argv, cwd=SUITE, stdout=log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     @property
@@ -97,12 +97,12 @@ class CountingConsumer(Target):
 
 
 class Sidecar(Target):
-    """The real sidecar: ``python -m monitor run``; counts come from its /metrics."""
+    """The real sidecar: ``python -m celery_sidecar run``; counts come from its /metrics."""
 
     def __init__(self, broker_url: str, fast_path: bool = True, config: str | None = None,
                  extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
-        argv = [sys.executable, "-m", "monitor", "run", "--broker-url", broker_url, "--port", str(self.port)]
+        argv = [sys.executable, *SIDECAR, "run", "--broker-url", broker_url, "--port", str(self.port)]
         if config:
             argv += ["--config", config]
         if not fast_path:
@@ -154,9 +154,3 @@ def start_and_wait(target: Target, timeout: float = 30.0) -> None:
         raise
     if not target.alive():
         raise RuntimeError(f"{target.label} exited at start:\n{target.log_tail()}")
-
-
-def sidecar_supports_no_fast_path() -> bool:
-    result = subprocess.run([sys.executable, "-m", "monitor", "run", "--help"], cwd=_REPO,
-                            capture_output=True, text=True, timeout=60)
-    return "--no-fast-path" in result.stdout

@@ -16,29 +16,22 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.paths import ARTIFACTS, SIDECAR, SUITE, child_env
 from tests.support.servers import free_port, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "tests" / "artifacts"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "SIDECAR_", "CELERY_"))}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
+_env = child_env
 
 
 class Process:
     """A child process in its own session, with its output in a log file kept for failures."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            args, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            args, env=env, cwd=cwd or SUITE, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     @property
@@ -68,13 +61,13 @@ class Process:
 
 
 def start_worker(broker_url: str, *, name: str, events: bool = True, queues: str = "celery,heavy",
-                 concurrency: int = 2, app: str = "monitor.demo_tasks", extra: Iterable[str] = (),
-                 env: dict[str, str] | None = None) -> Process:
+                 concurrency: int = 2, app: str = "celery_sidecar.demo_tasks", extra: Iterable[str] = (),
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> Process:
     args = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", f"{name}@%h", "-Q", queues,
             "-c", str(concurrency), "--loglevel=INFO", "--without-gossip", "--without-mingle", *extra]
     if events:
         args.append("-E")
-    return Process(f"worker-{name}", args, _env(CELERY_BROKER_URL=broker_url, **(env or {})))
+    return Process(f"worker-{name}", args, _env(CELERY_BROKER_URL=broker_url, **(env or {})), cwd=cwd)
 
 
 class Metrics:
@@ -110,7 +103,7 @@ class SidecarProcess(Process):
         self.state_dir = tempfile.mkdtemp(prefix="sidecar-state-")
         self._wait_connected = wait_connected
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "monitor", "run", "--broker-url", broker_url, "--port", str(self.port),
+        cmd = [sys.executable, *SIDECAR, "run", "--broker-url", broker_url, "--port", str(self.port),
                "--probe-interval", "0.5", "--inspect-interval", "2", "--probe-timeout", "2",
                "--state-dir", self.state_dir, *args]
         if config is not None:

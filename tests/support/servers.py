@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from monitor.embedded_redis import EmbeddedRedis, free_port, redis_binary
+from celery_sidecar.embedded_redis import EmbeddedRedis, free_port, redis_binary
 
 __all__ = ["RedisServer", "free_port", "rabbitmq_url", "redis_server", "wait_for"]
 

@@ -1,9 +1,9 @@
 """The monitoring stack, natively: the compose file's pieces as local processes.
 
-Everything runs from the configs `celery-sidecar render` writes for compose; only the
-addresses differ (127.0.0.1 and free ports instead of service names). Flower's and
-Prometheus's command lines are read from docker-compose.monitoring.yml too, so a change
-there is exercised here.
+Everything runs from the configs `celery-sidecar render` writes for compose (rules and
+dashboards included, from the installed package's data); only the addresses differ
+(127.0.0.1 and free ports instead of service names). Flower's and Prometheus's command
+lines are read from docker-compose.monitoring.yml too, so a change there is exercised here.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import httpx
 import yaml
 from celery import Celery
 
-from monitor.render import StackSettings, render_stack
+from celery_sidecar.render import StackSettings, render_stack
+from tests.support.paths import ARTIFACTS, SIDECAR, SOURCE, SUITE, package_file
 from tests.support.servers import free_port, redis_server, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO / "docker-compose.monitoring.yml"
-DASHBOARD = REPO / "grafana" / "dashboards" / "celery-sidecar.json"
-RULES = REPO / "alerts" / "prometheus" / "rules.yml"
-ARTIFACTS = REPO / "tests" / "artifacts"
+COMPOSE_FILE = SOURCE / "docker-compose.monitoring.yml"
+DASHBOARD = package_file("grafana/dashboards/celery-sidecar.json")
+RULES = package_file("alerts/prometheus/rules.yml")
 
 USER = "ops"
 PASSWORD = "correct horse battery staple"
@@ -178,7 +177,7 @@ def _wait_http(url: str, procs: Processes, what: str, timeout: float = 30, ok=(2
 
 def _child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = str(SUITE)
     env.update(extra)
     return env
 
@@ -211,20 +210,20 @@ def running_stack() -> Iterator[Stack]:
             resolver="127.0.0.1",
             prometheus_ui=True,
             scrape_interval="1s",
-            rules_path=str(RULES),
+            rules_path=str(out / "prometheus" / "rules" / "*.yml"),
         ), out)
 
         (tmp / "sidecar.yml").write_text(SIDECAR_CONFIG)
         broker_env = {"CELERY_BROKER_URL": redis.url}
 
-        # The demo app carries the documented one-line plugin install (monitor.plugin.ResourceUsage).
+        # The demo app carries the documented one-line plugin install (celery_sidecar.plugin.ResourceUsage).
         procs.start("worker", [
-            sys.executable, "-m", "celery", "-A", "monitor.demo_tasks", "worker", "-E", "-Q", "celery,heavy",
+            sys.executable, "-m", "celery", "-A", "celery_sidecar.demo_tasks", "worker", "-E", "-Q", "celery,heavy",
             "-c", "3", "-n", WORKER_NAME, "--without-mingle", "--without-gossip", "-l", "INFO",
         ], env=_child_env(DEMO_RESOURCE_INTERVAL="1", **broker_env), cwd=tmp)
 
         procs.start("sidecar", [
-            sys.executable, "-m", "monitor", "run", "--broker-url", redis.url, "--bind", "127.0.0.1",
+            sys.executable, *SIDECAR, "run", "--broker-url", redis.url, "--bind", "127.0.0.1",
             "--port", str(ports["sidecar"]), "--config", str(tmp / "sidecar.yml"),
             # Faster than the defaults so pool/consumer gauges exist within the test's budget.
             "--probe-interval", "1", "--inspect-interval", "2",

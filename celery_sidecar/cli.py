@@ -16,8 +16,9 @@ from pathlib import Path
 
 import click
 
-from monitor.config import ConfigError, effective_thresholds, load_config
-from monitor.render import render_command
+from celery_sidecar.monitor.config import ConfigError, load_config
+from celery_sidecar.monitor.signals import thresholds
+from celery_sidecar.render import render_command
 
 log = logging.getLogger("celery_sidecar")
 
@@ -105,7 +106,8 @@ def broker_option(required: bool = True):
               type=click.Choice(["debug", "info", "warning", "error"]))
 def run(broker_url: str, config_path: Path | None, log_level: str, **opts) -> None:
     """Consume events, serve /metrics and /health, send alerts."""
-    from monitor.sidecar import RunSettings, SlackSettings
+    from celery_sidecar.alerts.slack import SlackSettings
+    from celery_sidecar.sidecar import RunSettings
 
     _setup_logging(log_level)
     config = _load_or_exit(config_path)
@@ -134,14 +136,14 @@ def run(broker_url: str, config_path: Path | None, log_level: str, **opts) -> No
 
 
 def serve(settings, config) -> None:
-    from monitor.sidecar import Sidecar
+    from celery_sidecar.sidecar import Sidecar
 
     try:
         sidecar = Sidecar(settings, config)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: sidecar._stop.set())
+        signal.signal(sig, lambda *_: sidecar.request_stop())
     sidecar.start()
     try:
         sidecar.wait()
@@ -161,7 +163,8 @@ def config() -> None:
               help="Also validate this webhook URL.")
 def config_check(file: Path, slack_webhook_url: str | None) -> None:
     """Validate FILE and print the effective thresholds."""
-    from alerts.config import check_templates, validate_webhook_url
+    from celery_sidecar.alerts.blocks import check_templates
+    from celery_sidecar.alerts.slack import validate_webhook_url
 
     cfg = _load_or_exit(file)
     try:
@@ -172,11 +175,19 @@ def config_check(file: Path, slack_webhook_url: str | None) -> None:
         raise click.ClickException(f"{file}: {exc}") from None
     click.echo(f"{file}: OK\n\nEffective thresholds:")
     click.echo(f"  {'signal':<24}{'level':<10}{'queue':<16}value")
-    for signal_name, level, extra, value in effective_thresholds(cfg):
-        click.echo(f"  {signal_name:<24}{level:<10}{extra.get('queue_name', ''):<16}{value:g}")
+    for row in thresholds(cfg):
+        click.echo(f"  {row.signal:<24}{row.level:<10}{row.queue_name:<16}{row.value:g}")
     if cfg.heavy_tasks or cfg.heavy_queues:
         heavy_tasks, heavy_queues = ", ".join(cfg.heavy_tasks) or "-", ", ".join(cfg.heavy_queues) or "-"
         click.echo(f"\nHeavy tasks: {heavy_tasks}; heavy queues: {heavy_queues}")
+
+
+@config.command("example")
+def config_example() -> None:
+    """Print a sidecar.yml holding every documented default, with a comment on each key."""
+    from celery_sidecar import resources
+
+    click.echo(resources.read_text(resources.DEFAULT_CONFIG), nl=False)
 
 
 @main.command()
@@ -191,7 +202,7 @@ def config_check(file: Path, slack_webhook_url: str | None) -> None:
 @click.option("--no-summary", is_flag=True, help="Do not draw the live terminal summary.")
 def demo(**opts) -> None:
     """Run a private Redis, a demo worker and producer, and the sidecar; show a live summary."""
-    from monitor.demo import Demo
+    from celery_sidecar.demo import Demo
 
     _setup_logging("warning")
     Demo(**opts).run()

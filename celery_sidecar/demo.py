@@ -1,7 +1,7 @@
 """`celery-sidecar demo`: the whole loop on one machine, with nothing installed but this package.
 
 It starts a private Redis (unless --broker-url is given), a demo Celery worker running
-monitor/demo_tasks.py, a producer that keeps sending tasks that succeed, fail, retry
+celery_sidecar/demo_tasks.py, a producer that keeps sending tasks that succeed, fail, retry
 and run slowly, and the sidecar itself; then draws a live summary until Ctrl-C or
 --duration. Everything it started is stopped and its temp files removed on the way out.
 """
@@ -20,9 +20,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-from monitor.config import load_config
-from monitor.embedded_redis import EmbeddedRedis, free_port
-from monitor.sidecar import RunSettings, Sidecar
+from celery_sidecar.embedded_redis import EmbeddedRedis, free_port
+from celery_sidecar.monitor.config import load_config
+from celery_sidecar.sidecar import RunSettings, Sidecar
 
 # (task name, kwargs, weight): a mix with ~10 % failures and ~15 % flaky retries.
 TRAFFIC = [
@@ -90,7 +90,7 @@ class Demo:
         self.sidecar.start()
         env = {**os.environ, "CELERY_BROKER_URL": self.broker_url}
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "monitor.demo_tasks", "worker", "-E", "-Q", "celery,heavy",
+            [sys.executable, "-m", "celery", "-A", "celery_sidecar.demo_tasks", "worker", "-E", "-Q", "celery,heavy",
              "-c", "4", "-n", "demo-worker@%h", "--loglevel=WARNING", "--without-gossip", "--without-mingle"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
@@ -118,7 +118,7 @@ class Demo:
     # -- traffic and summary --------------------------------------------------------------
 
     def _produce(self) -> None:
-        from monitor.demo_tasks import app
+        from celery_sidecar.demo_tasks import app
 
         app.conf.broker_url = self.broker_url
         names = [t[0] for t in TRAFFIC]
@@ -154,35 +154,32 @@ class Demo:
 
 def summary(sidecar: Sidecar, elapsed: float, sent: int, alerts: list[str]) -> str:
     """The live summary: workers, queues, latency and retry rate against thresholds."""
-    state, config = sidecar.state, sidecar.config
+    config = sidecar.config.current
+    snap = sidecar.view.snapshot()
     t = config.thresholds
-    now = time.time()
-    with sidecar.pipeline.lock:
-        events = sum(state.counters.events_by_type.values())
-        workers = [(w.hostname, w.alive, w.active, w.pool_max, w.cpu_percent, w.memory_percent)
-                   for w in state.workers.values()]
-        p95 = {c: state.latency_windows[c].quantile(0.95, now) for c in ("normal", "heavy")}
-        retries = sorted(((n, w.counts(now)) for n, w in state.retry_windows.items()), key=lambda x: x[0])
-    queues = dict(sidecar.poller.readings.queues)
+    intake = snap.intake
+    events = sum(intake.events_by_type.values())
+    p95 = snap.latency_p95
+    retries = sorted(snap.retries.items())
     flag = {True: "!!", False: "ok"}
     lines = [
         f"celery-sidecar demo  {elapsed:5.0f}s  tasks sent {sent}  events {events}  "
-        f"broker {'connected' if sidecar.status.connected else 'DISCONNECTED'}  latency from task-"
-        f"{state.latency_source(now)}",
+        f"broker {'connected' if intake.connected else 'DISCONNECTED'}  latency from task-"
+        f"{intake.latency_source}",
         "",
         f"WORKERS       up    active  pool  cpu%   (< {t.worker_cpu_percent:g})  mem%  (< {t.worker_memory_percent:g})",
     ]
-    for host, alive, active, pool, cpu, mem in workers:
-        lines.append(f"  {host[:28]:<28} {'up' if alive else 'DOWN':<5} {active:>3}/{pool or '?':<4}"
-                     f" {_num(cpu):>6}  {_num(mem):>6}")
+    for w in snap.workers:
+        lines.append(f"  {w.hostname[:28]:<28} {'up' if w.alive else 'DOWN':<5} {w.active:>3}/{w.pool_max or '?':<4}"
+                     f" {_num(w.cpu_percent):>6}  {_num(w.memory_percent):>6}")
     lines += ["", "QUEUES        length   threshold normal/peak"]
-    for queue, reading in sorted(queues.items()):
+    for queue, reading in sorted(snap.queues.items()):
         limits = config.queue_thresholds(queue)
         lines.append(f"  {queue:<12} {reading.length:>6}   {limits.normal}/{limits.peak}  "
                      f"{flag[reading.length > limits.normal]}")
     lines += ["", "LATENCY (p95 queue wait)"]
     for task_class, limit in (("normal", t.latency_seconds.normal), ("heavy", t.latency_seconds.heavy)):
-        value = p95[task_class]
+        value = p95.get(task_class)
         verdict = "" if value is None else flag[value > limit]
         lines.append(f"  {task_class:<8} {_num(value, 's'):>8}  threshold {limit:g}s  {verdict}")
     lines += ["", f"RETRY RATE (last {config.state.retry_window_seconds:g}s, threshold {t.retry_rate_percent:g}%)"]

@@ -1,9 +1,10 @@
-"""Broker probes: queue lengths and worker inspection, on a background thread.
+"""Broker probes, the second kind of intake: queue lengths and worker inspection.
 
-Nothing here runs on the event path or inside a scrape: a poller thread refreshes the
-readings every ``interval`` seconds and the collectors export the last ones. Every
-network call has a timeout; a failed probe is counted and logged, and the previous
-reading is kept (marked by ``celery_queue_probe_age_seconds``).
+Nothing here runs on the event path or inside a scrape: poller threads ask the broker
+every ``interval`` seconds and hand the answers to the pipeline, which folds them into
+state like events; the collectors export the last ones. Every network call has a
+timeout; a failed probe is counted and logged, and the previous reading is kept (marked
+by ``celery_queue_probe_age_seconds``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import bisect
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -22,26 +21,13 @@ import redis
 from celery import Celery
 from kombu import Connection
 
+from celery_sidecar.monitor.pipeline import Pipeline
+from celery_sidecar.monitor.state import QueueReading, WorkerInfo
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PRIORITY_STEPS = [0, 3, 6, 9]
 DEFAULT_SEP = "\x06\x16"
-
-
-@dataclass(frozen=True)
-class QueueReading:
-    length: int
-    consumers: int | None  # AMQP knows its consumers; Redis does not
-
-
-@dataclass
-class ProbeReadings:
-    queues: dict[str, QueueReading] = field(default_factory=dict)
-    at: float | None = None
-    errors: dict[str, int] = field(default_factory=dict)
-
-    def failed(self, probe: str) -> None:
-        self.errors[probe] = self.errors.get(probe, 0) + 1
 
 
 def redis_queue_keys(queue: str, transport_options: dict[str, Any]) -> list[str]:
@@ -124,12 +110,6 @@ def make_queue_probe(broker_url: str, transport_options: dict[str, Any], timeout
     return None
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    queues: tuple[str, ...]
-    pool_max: int | None
-
-
 def inspect_workers(app: Celery, timeout: float) -> dict[str, WorkerInfo]:
     """Ask live workers for their queues and pool size (remote control, like Flower)."""
     inspector = app.control.inspect(timeout=timeout)
@@ -152,17 +132,14 @@ class Poller:
         *,
         queue_probe,
         app: Celery | None,
-        queues: Callable[[], list[str]],
-        on_workers: Callable[[dict[str, WorkerInfo]], None],
+        pipeline: Pipeline,
         interval: float,
         inspect_interval: float,
         timeout: float,
     ) -> None:
-        self.readings = ProbeReadings()
         self._probe = queue_probe
         self._app = app
-        self._queues = queues
-        self._on_workers = on_workers
+        self._pipeline = pipeline
         self._timeout = timeout
         self._stop = threading.Event()
         # Separate threads: an inspect round waits its whole reply timeout and must not
@@ -196,26 +173,27 @@ class Poller:
         if self._probe is None:
             return
         try:
-            readings = self._probe.read(self._queues())
-            # Replace the whole dict: scrapes read a consistent snapshot without locking.
-            self.readings.queues = {**self.readings.queues, **readings}
-            self.readings.at = time.time()
+            readings = self._probe.read(self._pipeline.known_queues())
         except Exception as exc:  # noqa: BLE001 - any broker error: count, keep last value
             if self._stop.is_set():
                 return  # shutting down: the client may be closed under us
-            self.readings.failed("queue_length")
+            self._pipeline.probe_failed("queue_length")
             log.warning("queue length probe failed: %s", _short(exc))
+            return
+        self._pipeline.record_queues(readings)
 
     def inspect(self) -> None:
         if self._app is None:
             return
         try:
-            self._on_workers(inspect_workers(self._app, self._timeout))
+            info = inspect_workers(self._app, self._timeout)
         except Exception as exc:  # noqa: BLE001
             if self._stop.is_set():
                 return  # shutting down: the broker may already be gone
-            self.readings.failed("inspect")
+            self._pipeline.probe_failed("inspect")
             log.warning("worker inspection failed: %s", _short(exc))
+            return
+        self._pipeline.record_inspection(info)
 
 
 def _short(exc: BaseException) -> str:

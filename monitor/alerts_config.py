@@ -1,23 +1,25 @@
-"""The `alerts:` section of the sidecar's YAML: rules, routing and message rendering.
+"""The schema of the `alerts:` section of sidecar.yml: rules, routing and message rendering.
 
-The engine reads `rules`; the delivery layer reads everything else. Unknown keys are
-errors (a misspelt rule name or option is refused, not ignored). Secrets (webhook URL,
-bot token) are not part of this file: the CLI reads them from the environment and
-passes them to `alerts.delivery.build_dispatcher`.
+The alert engine reads `rules`; the delivery layer reads everything else. Unknown keys
+are errors (a misspelt rule name or option is refused, not ignored). Secrets (webhook
+URL, bot token) are not part of this file: they come from the environment.
+
+Only the schema lives here. What needs the alerts package to check (that templates
+render, that bot mode has its channels) is checked there when a config is loaded or
+reloaded (``Dispatcher.check``), before the config is swapped in.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from alerts.blocks import MessageRenderer
-from alerts.model import Severity
+from celery_sidecar.monitor.signals import RULE_DEFAULTS, Severity
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -26,7 +28,6 @@ ResolveStyle = Literal["update", "thread"]
 _CLOCK = re.compile(r"^(\d{2}):(\d{2})$")
 # Slack's special mentions: a user group, a user, or the channel-wide ones.
 _MENTION = re.compile(r"^(<!subteam\^[A-Z0-9]+(\|[^>]*)?>|<@[UW][A-Z0-9]+>|<!here>|<!channel>)$")
-_LOOPBACK_NAMES = {"localhost"}
 
 
 class _Strict(BaseModel):
@@ -42,37 +43,12 @@ class RuleConfig(_Strict):
     )
 
 
-# Defaults per rule; a YAML entry only needs the keys it changes (merged in RulesConfig).
-_RULE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "task_failed": {"severity": "warning", "for_seconds": 0},
-    "worker_offline": {"severity": "critical"},
-    "worker_shutdown": {"severity": "info"},
-    "latency": {"severity": "warning", "for_seconds": 30, "resolve_after_seconds": 60},
-    "queue_length_normal": {"severity": "warning", "for_seconds": 30, "resolve_after_seconds": 60},
-    "queue_length_peak": {"severity": "critical", "for_seconds": 30, "resolve_after_seconds": 60},
-    "worker_cpu": {"severity": "warning", "for_seconds": 60, "resolve_after_seconds": 60},
-    "worker_memory": {"severity": "warning", "for_seconds": 60, "resolve_after_seconds": 60},
-    "retry_rate": {"severity": "warning", "for_seconds": 60, "resolve_after_seconds": 120},
-}
+def _default_rule(name: str) -> RuleConfig:
+    d = RULE_DEFAULTS[name]
+    return RuleConfig(severity=d.severity, for_seconds=d.for_seconds, resolve_after_seconds=d.resolve_after_seconds)
 
 
-def _rule(name: str) -> Any:
-    return Field(default_factory=lambda: RuleConfig(**_RULE_DEFAULTS[name]))
-
-
-class RulesConfig(_Strict):
-    """One named field per rule, so a misspelt rule name is an error."""
-
-    task_failed: RuleConfig = _rule("task_failed")
-    worker_offline: RuleConfig = _rule("worker_offline")
-    worker_shutdown: RuleConfig = _rule("worker_shutdown")
-    latency: RuleConfig = _rule("latency")
-    queue_length_normal: RuleConfig = _rule("queue_length_normal")
-    queue_length_peak: RuleConfig = _rule("queue_length_peak")
-    worker_cpu: RuleConfig = _rule("worker_cpu")
-    worker_memory: RuleConfig = _rule("worker_memory")
-    retry_rate: RuleConfig = _rule("retry_rate")
-
+class _RulesBase(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _merge_defaults(cls, data: Any) -> Any:
@@ -81,9 +57,20 @@ class RulesConfig(_Strict):
             return data
         merged = dict(data)
         for name, value in data.items():
-            if name in _RULE_DEFAULTS and isinstance(value, dict):
-                merged[name] = {**_RULE_DEFAULTS[name], **value}
+            if name in RULE_DEFAULTS and isinstance(value, dict):
+                merged[name] = {**_default_rule(name).model_dump(), **value}
         return merged
+
+    def rule(self, name: str) -> RuleConfig:
+        return getattr(self, name)
+
+
+# One named field per rule (from the signal table), so a misspelt rule name is an error.
+RulesConfig = create_model(
+    "RulesConfig",
+    __base__=_RulesBase,
+    **{name: (RuleConfig, Field(default_factory=partial(_default_rule, name))) for name in RULE_DEFAULTS},
+)
 
 
 class MuteWindow(_Strict):
@@ -132,8 +119,18 @@ def _minutes(clock: str) -> int:
     return hours * 60 + minutes
 
 
+def _http_url(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name} must be an http(s) URL with a host, got {value!r}")
+    return value.rstrip("/")
+
+
 class AlertsConfig(_Strict):
     flower_url: str | None = Field(None, description="base URL of Flower, for task links")
+    grafana_url: str | None = Field(None, description="base URL of Grafana, for dashboard links")
     include_args: bool = Field(False, description="put task args/kwargs in alerts (may contain PII)")
     mention: str | None = Field(None, description="who to mention on critical alerts, e.g. <!subteam^S123>")
     channels: dict[Severity, str] = Field(default_factory=dict, description="bot mode: channel per severity")
@@ -146,17 +143,17 @@ class AlertsConfig(_Strict):
         "update", description="bot mode: a resolved alert edits its firing message, or replies in its thread"
     )
     templates_dir: Path | None = Field(None, description="templates here override the shipped ones by name")
-    rules: RulesConfig = Field(default_factory=RulesConfig)
+    rules: RulesConfig = Field(default_factory=RulesConfig)  # type: ignore[valid-type]
 
     @field_validator("flower_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"flower_url must be an http(s) URL with a host, got {value!r}")
-        return value.rstrip("/")
+    def _flower_url(cls, value: str | None) -> str | None:
+        return _http_url("flower_url", value)
+
+    @field_validator("grafana_url")
+    @classmethod
+    def _grafana_url(cls, value: str | None) -> str | None:
+        return _http_url("grafana_url", value)
 
     @field_validator("mention")
     @classmethod
@@ -181,39 +178,3 @@ class AlertsConfig(_Strict):
         if value is not None and not value.is_dir():
             raise ValueError(f"templates_dir {str(value)!r} is not a directory")
         return value
-
-
-def validate_webhook_url(url: str) -> str:
-    """Refuse a webhook URL that is not https (plain http only to loopback, for tests).
-
-    The messages never contain the URL itself: its path is the secret.
-    """
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.hostname
-    except ValueError:
-        raise ValueError("SLACK_WEBHOOK_URL is not a valid URL") from None
-    if not host or parts.path in ("", "/"):
-        raise ValueError("SLACK_WEBHOOK_URL must be a full URL like https://hooks.slack.com/services/T…/B…/…")
-    if parts.scheme == "https":
-        return url.strip()
-    if parts.scheme == "http" and _is_loopback(host):
-        return url.strip()
-    raise ValueError(
-        f"SLACK_WEBHOOK_URL must use https (got scheme {parts.scheme!r}, host {host!r}); "
-        "plain http is only allowed to a loopback host"
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_templates(cfg: AlertsConfig) -> None:
-    """Render every template with a sample alert; raise ValueError naming a broken one."""
-    MessageRenderer(cfg.templates_dir).check()

@@ -1,8 +1,9 @@
 """Optional worker plugin: CPU %, memory % and RSS of a worker, sent as a custom event.
 
-Add it to your Celery app with one line::
+Add it to your Celery app with one line (plus its import)::
 
-    app.steps["consumer"].add(monitor.plugin.ResourceUsage)
+    from celery_sidecar.plugin import ResourceUsage
+    app.steps["consumer"].add(ResourceUsage)
 
 Every ``resource_usage_interval`` seconds (app config, default 5) the worker sends a
 ``worker-resources`` event with the CPU % and memory % of its main process plus its
@@ -23,7 +24,7 @@ from celery import bootsteps
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPE = "worker-resources"
+EVENT_TYPE = "worker-resources"  # celery_sidecar.monitor.state.RESOURCE_EVENT (tests/test_packaging.py)
 
 
 class ResourceUsage(bootsteps.StartStopStep):

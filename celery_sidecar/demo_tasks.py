@@ -1,6 +1,6 @@
 """The demo's Celery app: tasks that succeed, fail, retry and run slowly.
 
-Run a worker with ``celery -A monitor.demo_tasks worker -E``; the broker comes from
+Run a worker with ``celery -A celery_sidecar.demo_tasks worker -E``; the broker comes from
 ``CELERY_BROKER_URL`` (this module is the demo's *app*, not part of the sidecar).
 """
 
@@ -12,7 +12,7 @@ import time
 
 from celery import Celery
 
-from monitor.plugin import ResourceUsage
+from celery_sidecar.plugin import ResourceUsage
 
 app = Celery("demo", broker=os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"))
 app.conf.update(

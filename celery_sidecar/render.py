@@ -1,9 +1,11 @@
 """`celery-sidecar render`: the stack's deployment configs from one set of settings.
 
-One jinja2 render produces everything the compose stack (and the native test harness)
-runs from: the nginx config and its htpasswd, prometheus.yml, Grafana provisioning and,
-when the Alertmanager profile is on, alertmanager.yml. Only the click options read the
-environment; the render itself takes a `StackSettings`.
+One render produces everything the compose stack (and the native test harness) runs
+from: the nginx config and its htpasswd, prometheus.yml and the alert rules, Grafana
+provisioning and dashboards and, when the Alertmanager profile is on, alertmanager.yml.
+The templates, rules and dashboards are the package's own data (celery_sidecar/resources.py),
+so an installed wheel renders the stack without a source checkout. Only the click options
+read the environment; the render itself takes a `StackSettings`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ import bcrypt
 import click
 import jinja2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS_TEMPLATE = "alerts/prometheus/prometheus.yml.j2"
-# Owned by the alerting rules; rendered only when the alertmanager profile is on.
-ALERTMANAGER_TEMPLATE = "alerts/prometheus/alertmanager.yml.j2"
+from celery_sidecar import resources
+
+RULES_FILE = "celery-sidecar.yml"
 
 # nginx checks the password on *every* request (each Flower asset), synchronously in a worker.
 # Cost 12 would add ~250 ms per asset; 8 keeps a page load snappy and still costs an
@@ -57,7 +58,7 @@ class StackSettings:
     prometheus_ui: bool = False
     prometheus_path: str = "/prometheus"
     scrape_interval: str = "15s"
-    rules_path: str = "/etc/prometheus/rules/*.yml"
+    rules_path: str = "/etc/prometheus/rendered/rules/*.yml"
     alertmanager: bool = False
     slack_webhook_url: str = field(default="", repr=False)
     slack_channel: str = ""
@@ -148,9 +149,15 @@ def hash_password(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=BCRYPT_ROUNDS)).decode()
 
 
-def _environment(templates: Path) -> jinja2.Environment:
+def _environment() -> jinja2.Environment:
+    def load(name: str) -> str:
+        try:
+            return resources.read_text(name)
+        except resources.MissingResource as exc:
+            raise jinja2.TemplateNotFound(name, str(exc)) from None
+
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates)),
+        loader=jinja2.FunctionLoader(load),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,  # config files, not HTML; every value is validated above
@@ -169,35 +176,34 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _render_tree(env: jinja2.Environment, templates: Path, subdir: str, out: Path, ctx: dict) -> list[Path]:
-    """Render every *.j2 under templates/subdir into out (suffix dropped); copy the rest."""
+def _render_tree(env: jinja2.Environment, name: str, out: Path, ctx: dict) -> list[Path]:
+    """Render every *.j2 under the package directory ``name`` into out (suffix dropped); copy the rest."""
     written: list[Path] = []
-    root = templates / subdir
-    for src in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = src.relative_to(root)
-        if src.suffix == ".j2":
-            name = src.relative_to(templates).as_posix()
-            written.append(_write(out / rel.with_suffix(""), env.get_template(name).render(ctx)))
+    for rel, src in resources.walk(name):
+        if rel.endswith(".j2"):
+            written.append(_write(out / rel.removesuffix(".j2"), env.get_template(f"{name}/{rel}").render(ctx)))
         else:
-            written.append(_write(out / rel, src.read_text()))
+            written.append(_write(out / rel, src.read_text(encoding="utf-8")))
     return written
 
 
-def render_stack(settings: StackSettings, out: Path, templates: Path = REPO_ROOT) -> list[Path]:
+def render_stack(settings: StackSettings, out: Path) -> list[Path]:
     """Write the stack's configs under out/{nginx,prometheus,grafana,alertmanager}; return the files."""
-    env = _environment(templates)
+    env = _environment()
     ctx = settings.template_context()
     htpasswd = f"{settings.flower_user}:{hash_password(settings.flower_password)}\n"
     written = [
-        _write(out / "nginx" / "nginx.conf", env.get_template("nginx/nginx.conf.j2").render(ctx)),
+        _write(out / "nginx" / "nginx.conf", env.get_template(resources.NGINX_TEMPLATE).render(ctx)),
         _write(out / "nginx" / "htpasswd", htpasswd),
-        _write(out / "prometheus" / "prometheus.yml", env.get_template(PROMETHEUS_TEMPLATE).render(ctx)),
+        _write(out / "prometheus" / "prometheus.yml", env.get_template(resources.PROMETHEUS_TEMPLATE).render(ctx)),
+        _write(out / "prometheus" / "rules" / RULES_FILE, resources.read_text(resources.RULES)),
     ]
-    written += _render_tree(env, templates, "grafana/provisioning", out / "grafana" / "provisioning", ctx)
-    if settings.alertmanager and (templates / ALERTMANAGER_TEMPLATE).exists():
+    written += _render_tree(env, resources.GRAFANA_PROVISIONING, out / "grafana" / "provisioning", ctx)
+    written += _render_tree(env, resources.GRAFANA_DASHBOARDS, out / "grafana" / "dashboards", ctx)
+    if settings.alertmanager:
         am_out = out / "alertmanager"
         written.append(_write(am_out / "slack_webhook_url", settings.slack_webhook_url + "\n"))
-        am_config = env.get_template(ALERTMANAGER_TEMPLATE).render(ctx)
+        am_config = env.get_template(resources.ALERTMANAGER_TEMPLATE).render(ctx)
         written.append(_write(am_out / "alertmanager.yml", am_config))
     return written
 
@@ -232,23 +238,20 @@ def render_stack(settings: StackSettings, out: Path, templates: Path = REPO_ROOT
               help="Route /prometheus/ (allow-list + basic auth) to Prometheus's UI.")
 @click.option("--scrape-interval", envvar="SCRAPE_INTERVAL", default="15s", show_default=True,
               show_envvar=True)
-@click.option("--rules-path", envvar="PROMETHEUS_RULES_PATH", default="/etc/prometheus/rules/*.yml",
-              show_default=True, show_envvar=True, help="rule_files entry, as Prometheus sees it.")
+@click.option("--rules-path", envvar="PROMETHEUS_RULES_PATH", default="/etc/prometheus/rendered/rules/*.yml",
+              show_default=True, show_envvar=True,
+              help="rule_files entry, as Prometheus sees it (render writes the rules to OUT/prometheus/rules/).")
 @click.option("--enable-alertmanager/--no-enable-alertmanager", envvar="ENABLE_ALERTMANAGER",
               default=False, show_default=True, show_envvar=True,
               help="Send Prometheus alerts to Alertmanager (the compose 'alertmanager' profile).")
 @click.option("--slack-webhook-url", envvar="ALERTMANAGER_SLACK_WEBHOOK_URL", default="", show_envvar=True,
               help="Alertmanager's Slack webhook (written to a file, not into alertmanager.yml).")
 @click.option("--slack-channel", envvar="ALERTMANAGER_SLACK_CHANNEL", default="", show_envvar=True)
-@click.option("--templates", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              envvar="SIDECAR_TEMPLATES_DIR", default=str(REPO_ROOT), show_envvar=True,
-              help="Directory holding nginx/, grafana/ and alerts/prometheus/ templates.")
 def render_command(out: Path, allow_cidrs: str, flower_user: str, flower_password: str,
                    set_real_ip_from: str, listen: str, sidecar_addr: str, flower_addr: str,
                    grafana_addr: str, prometheus_addr: str, alertmanager_addr: str, resolver: str,
                    enable_prometheus_ui: bool, scrape_interval: str, rules_path: str,
-                   enable_alertmanager: bool, slack_webhook_url: str, slack_channel: str,
-                   templates: Path) -> None:
+                   enable_alertmanager: bool, slack_webhook_url: str, slack_channel: str) -> None:
     """Render the monitoring stack's nginx, Prometheus, Grafana and Alertmanager configs."""
     try:
         settings = StackSettings(
@@ -272,6 +275,10 @@ def render_command(out: Path, allow_cidrs: str, flower_user: str, flower_passwor
         )
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None
-    for path in render_stack(settings, out, templates):
+    try:
+        written = render_stack(settings, out)
+    except (resources.MissingResource, jinja2.TemplateNotFound) as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
         click.echo(f"wrote {path}")
 

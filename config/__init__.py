@@ -1,0 +1,1 @@
+"""Package data: sidecar.yml with the documented defaults (`celery-sidecar config example`)."""

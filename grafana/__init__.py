@@ -1,0 +1,1 @@
+"""Grafana provisioning and the dashboards, shipped as package data."""

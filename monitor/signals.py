@@ -1,0 +1,225 @@
+"""Every threshold signal, defined once.
+
+A signal is something the sidecar compares against an operator's threshold: task
+latency, queue length, worker CPU and memory, retry rate. For each one this table says
+how its value is read (from a state snapshot), which limit from sidecar.yml it is judged
+against, what it is called and in which unit, and how its alert rule behaves by default.
+
+Everything else is derived from it:
+
+- the alert engine (celery_sidecar.alerts.engine) evaluates ``SIGNALS`` once a second;
+- the ``celery_threshold{signal, level, queue_name}`` gauges are ``thresholds(config)``;
+- the `alerts.rules` section of the config schema takes its rule names and defaults from
+  ``RULE_DEFAULTS``;
+- the README's threshold table is ``markdown_table()`` (scripts/generate rewrites it);
+- the dashboards' threshold lines, and tests/test_signals.py checks that the shipped
+  Prometheus rules judge each signal against the same ``celery_threshold`` series.
+
+This module imports nothing at run time from the rest of the package: the config schema
+imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from celery_sidecar.monitor.config import Config
+    from celery_sidecar.monitor.view import Snapshot
+
+Severity = Literal["info", "warning", "critical"]
+Unit = Literal["s", "%", "ratio", "messages"]
+
+
+@dataclass(frozen=True)
+class RuleDefaults:
+    severity: Severity
+    for_seconds: float = 0.0
+    resolve_after_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One ``celery_threshold`` series."""
+
+    signal: str
+    level: str
+    value: float
+    queue_name: str = ""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A signal's current value for one subject (a queue, a worker, a task name...)."""
+
+    subject: str
+    value: float
+    limit: float
+    text: str  # "queue celery holds 150 messages"
+
+
+@dataclass(frozen=True)
+class Signal:
+    rule: str  # alerts.rules.<rule> in sidecar.yml
+    title: str  # "Queue length above normal threshold"
+    unit: Unit
+    defaults: RuleDefaults
+    prometheus_alert: str  # the shipped Prometheus alert judging the same signal
+    compares: str  # for the docs: what is compared with what
+    thresholds: Callable[[Config, Iterable[str]], list[Threshold]]
+    read: Callable[[Snapshot, Config], Iterator[Reading]]
+
+
+# -- the readers ------------------------------------------------------------------------
+
+
+def _latency_thresholds(cfg: Config, queues: Iterable[str]) -> list[Threshold]:
+    t = cfg.thresholds.latency_seconds
+    return [Threshold("latency_seconds", "normal", t.normal), Threshold("latency_seconds", "heavy", t.heavy)]
+
+
+def _latency(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
+    t = cfg.thresholds.latency_seconds
+    for task_class, limit in (("normal", t.normal), ("heavy", t.heavy)):
+        p95 = snap.latency_p95.get(task_class)
+        if p95 is not None:
+            yield Reading(task_class, p95, limit, f"p95 queue wait of {task_class} tasks is {p95:.1f} s")
+
+
+def _queue_thresholds(level: str) -> Callable[[Config, Iterable[str]], list[Threshold]]:
+    def thresholds(cfg: Config, queues: Iterable[str]) -> list[Threshold]:
+        names = sorted(set(cfg.queues) | set(cfg.queue_overrides) | set(queues))
+        return [Threshold("queue_length", level, float(getattr(cfg.queue_thresholds(q), level)), q) for q in names]
+
+    return thresholds
+
+
+def _queue_length(level: str) -> Callable[[Snapshot, Config], Iterator[Reading]]:
+    def read(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
+        for queue, reading in snap.queues.items():
+            limit = getattr(cfg.queue_thresholds(queue), level)
+            yield Reading(queue, reading.length, limit, f"queue {queue} holds {reading.length} messages")
+
+    return read
+
+
+def _worker_thresholds(signal: str, attr: str) -> Callable[[Config, Iterable[str]], list[Threshold]]:
+    def thresholds(cfg: Config, queues: Iterable[str]) -> list[Threshold]:
+        return [Threshold(signal, "limit", getattr(cfg.thresholds, attr))]
+
+    return thresholds
+
+
+def _worker_usage(limit_attr: str, worker_attr: str, what: str) -> Callable[[Snapshot, Config], Iterator[Reading]]:
+    def read(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
+        limit = getattr(cfg.thresholds, limit_attr)
+        for worker in snap.workers:
+            value = getattr(worker, worker_attr)
+            if worker.alive and value is not None:
+                yield Reading(worker.hostname, value, limit, f"{worker.hostname} uses {value:.0f}% {what}")
+
+    return read
+
+
+def _retry_thresholds(cfg: Config, queues: Iterable[str]) -> list[Threshold]:
+    t = cfg.thresholds
+    return [Threshold("retry_ratio", "limit", t.retry_rate_percent / 100.0),
+            Threshold("retry_min_outcomes", "limit", float(t.retry_rate_min_outcomes))]
+
+
+def _retry_rate(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
+    t = cfg.thresholds
+    limit = t.retry_rate_percent / 100.0
+    for name, (hits, total) in snap.retries.items():
+        # One retry of a rare task is not a retry storm: judge only with enough outcomes.
+        if total >= t.retry_rate_min_outcomes:
+            ratio = hits / total
+            yield Reading(name, ratio, limit, f"{name} retried {hits} of {total} times ({ratio:.0%})")
+
+
+# -- the table ----------------------------------------------------------------------------
+
+SIGNALS: tuple[Signal, ...] = (
+    Signal(
+        rule="latency", title="Task latency above threshold", unit="s",
+        defaults=RuleDefaults("warning", 30, 60), prometheus_alert="CeleryTaskLatencyHigh",
+        compares="p95 queue wait (sent, or eta, to started) of normal / heavy tasks",
+        thresholds=_latency_thresholds, read=_latency,
+    ),
+    Signal(
+        rule="queue_length_normal", title="Queue length above normal threshold", unit="messages",
+        defaults=RuleDefaults("warning", 30, 60), prometheus_alert="CeleryQueueLengthHigh",
+        compares="messages waiting in a queue (normal level), per queue",
+        thresholds=_queue_thresholds("normal"), read=_queue_length("normal"),
+    ),
+    Signal(
+        rule="queue_length_peak", title="Queue length above peak threshold", unit="messages",
+        defaults=RuleDefaults("critical", 30, 60), prometheus_alert="CeleryQueueLengthCritical",
+        compares="messages waiting in a queue (peak level), per queue",
+        thresholds=_queue_thresholds("peak"), read=_queue_length("peak"),
+    ),
+    Signal(
+        rule="worker_cpu", title="Worker CPU above threshold", unit="%",
+        defaults=RuleDefaults("warning", 60, 60), prometheus_alert="CeleryWorkerCpuHigh",
+        compares="a worker's CPU, % of its host (worker plugin)",
+        thresholds=_worker_thresholds("worker_cpu_percent", "worker_cpu_percent"),
+        read=_worker_usage("worker_cpu_percent", "cpu_percent", "CPU"),
+    ),
+    Signal(
+        rule="worker_memory", title="Worker memory above threshold", unit="%",
+        defaults=RuleDefaults("warning", 60, 60), prometheus_alert="CeleryWorkerMemoryHigh",
+        compares="a worker's memory, % of its host (worker plugin)",
+        thresholds=_worker_thresholds("worker_memory_percent", "worker_memory_percent"),
+        read=_worker_usage("worker_memory_percent", "memory_percent", "memory"),
+    ),
+    Signal(
+        rule="retry_rate", title="Retry rate above threshold", unit="ratio",
+        defaults=RuleDefaults("warning", 60, 120), prometheus_alert="CeleryTaskRetryRateHigh",
+        compares="retries / (retries + finished) per task name over the retry window, once a task has "
+                 "retry_rate_min_outcomes outcomes in it",
+        thresholds=_retry_thresholds, read=_retry_rate,
+    ),
+)
+
+# Alert rules that are not threshold signals: they fire on events.
+EVENT_RULES: dict[str, RuleDefaults] = {
+    "task_failed": RuleDefaults("warning"),
+    "worker_offline": RuleDefaults("critical"),
+    "worker_shutdown": RuleDefaults("info"),
+}
+
+RULE_DEFAULTS: dict[str, RuleDefaults] = {**EVENT_RULES, **{s.rule: s.defaults for s in SIGNALS}}
+BY_RULE: dict[str, Signal] = {s.rule: s for s in SIGNALS}
+
+
+def thresholds(cfg: Config, queues: Iterable[str] = ()) -> list[Threshold]:
+    """Every ``celery_threshold`` series for this config; queue thresholds for every known queue."""
+    queues = list(queues)
+    return [row for signal in SIGNALS for row in signal.thresholds(cfg, queues)]
+
+
+def format_value(value: float, unit: Unit) -> str:
+    if unit == "ratio":
+        return f"{value:.1%}"
+    if unit == "%":
+        return f"{value:.0f}%"
+    if unit == "s":
+        return f"{value:.1f} s"
+    return f"{value:g}"
+
+
+def markdown_table(cfg: Config) -> str:
+    """The README's threshold table, from this table and the config's defaults."""
+    lines = ["| alert rule | compares | default | exported as | Prometheus alert |", "|---|---|---|---|---|"]
+    for signal in SIGNALS:
+        rows = signal.thresholds(cfg, ["celery"])
+        default = " / ".join(format_value(r.value, "messages" if r.signal.endswith("outcomes") else signal.unit)
+                             for r in rows)
+        exported = "<br>".join(
+            f'`celery_threshold{{signal="{r.signal}",level="{r.level}"'
+            + (',queue_name=…' if r.queue_name else "") + "}`" for r in rows)
+        lines.append(f"| `{signal.rule}` | {signal.compares} | {default} | {exported} | "
+                     f"`{signal.prometheus_alert}` |")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The stock path: ``celery.events.EventReceiver`` over kombu, for every transport and URL form.
+
+It hands the pipeline the same event dicts as the fast paths. What kombu or
+EventReceiver cannot decode is counted and skipped here instead of ending the consumer
+(which would cost a reconnect and every event published meanwhile).
+"""
+
+from __future__ import annotations
+
+import binascii
+import threading
+from collections.abc import Callable
+from queue import Empty
+from typing import Any
+
+from celery import Celery
+from celery.events.receiver import EventReceiver
+
+from celery_sidecar.monitor.pipeline import Pipeline
+
+
+def _guard_envelopes(channel: Any, skip: Callable[[str], None]) -> None:
+    """Count the two envelopes kombu's virtual transports trip over, instead of losing them.
+
+    A body that is not valid base64 raises out of ``drain_events`` (the consumer would
+    reconnect and miss whatever is published meanwhile): its decode now yields bytes that
+    fail JSON decoding, so kombu calls ``on_decode_error`` and it is counted. An envelope that
+    is not JSON is logged and dropped by the Redis channel; it is now counted too. Both hooks
+    are on this channel instance only, and are skipped where a transport lacks them (AMQP).
+    """
+    decode_body = getattr(channel, "decode_body", None)
+    if decode_body is not None:
+        def guarded_decode_body(body: Any, encoding: str | None = None) -> Any:
+            try:
+                return decode_body(body, encoding)
+            except (binascii.Error, ValueError):
+                return _UNDECODABLE_BODY
+
+        channel.decode_body = guarded_decode_body
+    receive_one = getattr(channel, "_receive_one", None)  # kombu.transport.redis.Channel
+    if receive_one is not None:
+        def counted_receive_one(client: Any) -> Any:
+            try:
+                return receive_one(client)
+            except Empty:  # raised there only for an envelope that is not JSON
+                skip("undecodable")
+                raise
+
+        channel._receive_one = counted_receive_one
+
+
+# Not UTF-8, so not JSON: kombu's decode fails and routes the message to on_decode_error.
+_UNDECODABLE_BODY = b"\xff"
+
+
+class _GuardedReceiver(EventReceiver):
+    """EventReceiver that counts and skips what it cannot decode instead of dying."""
+
+    def __init__(self, *args: Any, pipeline: Pipeline, stop: threading.Event, on_ready, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._pipeline = pipeline
+        self._stop = stop
+        self._on_ready = on_ready
+        # Our loop owns reconnecting (with status and backoff); kombu must not retry forever.
+        self.connect_max_retries = 1
+
+    def _receive(self, body: Any, message: Any, list=list, isinstance=isinstance) -> None:
+        handle, skip = self._pipeline.handle, self._pipeline.skip
+        for item in body if isinstance(body, list) else (body,):
+            if not isinstance(item, dict):
+                skip("not_an_event")
+                continue
+            try:
+                _, event = self.event_from_message(item)
+            except KeyError:
+                skip("missing_type")
+                continue
+            except (TypeError, ValueError):
+                skip("malformed")
+                continue
+            handle(event)
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._pipeline.skip("undecodable")
+
+    def on_iteration(self) -> None:
+        if self._stop.is_set():
+            self.should_stop = True
+
+    def on_consume_ready(self, connection, channel, consumers, wakeup=True, **kwargs) -> None:
+        _guard_envelopes(channel, self._pipeline.skip)
+        self._on_ready()
+        super().on_consume_ready(connection, channel, consumers, wakeup=wakeup, **kwargs)
+
+    def on_connection_error(self, exc: Exception, interval: float) -> None:
+        raise exc
+
+
+def consume(app: Celery, pipeline: Pipeline, stop: threading.Event, on_ready: Callable[[], None]) -> None:
+    """Consume until ``stop`` is set; a broker failure raises out (the intake reconnects)."""
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1)
+        receiver = _GuardedReceiver(
+            conn, handlers={"*": pipeline.handle}, app=app, pipeline=pipeline, stop=stop, on_ready=on_ready,
+        )
+        for _ in receiver.consume(limit=None, timeout=None, safety_interval=1, wakeup=True):
+            pass

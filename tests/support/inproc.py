@@ -1,0 +1,55 @@
+"""The sidecar's data path in-process, without threads or sockets: config → state →
+pipeline → {view, event metrics}. For tests that feed events by hand, with a fake clock
+(or the real one: ``now=None``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_sidecar.exporters.collectors import StateCollector
+from celery_sidecar.exporters.event_metrics import EventMetrics
+from celery_sidecar.monitor.config import Config, LiveConfig, parse_config
+from celery_sidecar.monitor.pipeline import Pipeline, Sink
+from celery_sidecar.monitor.state import State
+from celery_sidecar.monitor.status import Status
+from celery_sidecar.monitor.view import StateView
+
+
+@dataclass
+class DataPath:
+    config: LiveConfig
+    state: State
+    pipeline: Pipeline
+    view: StateView
+    metrics: EventMetrics
+    now: list[float] = field(default_factory=lambda: [0.0])  # the fake clock; set with .at()
+
+    @classmethod
+    def build(cls, config: Config | dict[str, Any] | None = None, now: float | None = 0.0,
+              sinks: Iterable[Sink] = ()) -> DataPath:
+        cfg = config if isinstance(config, Config) else parse_config(config or {})
+        live = LiveConfig(cfg)
+        clock_value = [now or 0.0]
+        clock: Callable[[], float] = time.time if now is None else lambda: clock_value[0]
+        state = State(live, clock=clock)
+        pipeline = Pipeline(state, Status(), clock=clock)
+        metrics = EventMetrics(live)
+        pipeline.add_sink(metrics)
+        for sink in sinks:
+            pipeline.add_sink(sink)
+        return cls(live, state, pipeline, StateView(pipeline), metrics, clock_value)
+
+    def at(self, now: float) -> DataPath:
+        self.now[0] = now
+        return self
+
+    def handle(self, *events: dict[str, Any]) -> None:
+        for event in events:
+            self.pipeline.handle(event)
+
+    def families(self) -> dict[str, Any]:
+        """The scrape-time families, by name (one snapshot, as a scrape takes it)."""
+        return {f.name: f for f in StateCollector(self.view, self.config).collect()}
