@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 
 from celery_sidecar.monitor.config import Config, LiveConfig
 from celery_sidecar.monitor.pipeline import Sink, Update
-from celery_sidecar.monitor.state import TASK_KINDS, TaskUpdate, WorkerUpdate
+from celery_sidecar.monitor.state import MAX_QUEUES, TASK_KINDS, TaskUpdate, WorkerUpdate
 
 OTHER = "other"
 GENERIC_HOST = "generic"
@@ -87,16 +87,18 @@ class Histogram:
         del self.series[labels]
         self._text.pop(labels, None)
 
-    def render(self, name: str, label_names: tuple[str, ...], label_text: LabelText) -> None:
-        """Bring the text of every changed series up to date.
+    def render(self, name: str, label_names: tuple[str, ...], label_text: LabelText) -> int:
+        """Bring the text of every changed series up to date; returns how many could not be.
 
         A render fills the label text and the values into a list of line fragments shared
         by all series and joins it: C-level slice assignment and join, about twice as fast
-        as ``str.format`` on a 21-field template.
+        as ``str.format`` on a 21-field template. A series whose labels cannot be rendered
+        (the schema should have refused them) is dropped, never the whole exposition.
         """
+        failed = 0
         dirty, series, text = self._dirty, self.series, self._text
         if not dirty:
-            return
+            return failed
         parts: list[str] = []
         for edge in [*map(_fmt, self.bounds), "+Inf"]:
             parts += [f"{name}_bucket{{", "", f',le="{edge}"}} ', "", "\n"]
@@ -109,9 +111,13 @@ class Histogram:
                 continue
             values = list(accumulate(row[:-1]))
             values += (values[-1], float(row[-1]))
-            parts[1::5] = [label_text(label_names, labels)] * lines
-            parts[3::5] = map(str, values)
-            text[labels] = "".join(parts).encode()
+            try:
+                parts[1::5] = [label_text(label_names, labels)] * lines
+                parts[3::5] = map(str, values)
+                text[labels] = "".join(parts).encode()
+            except (AttributeError, TypeError, UnicodeError):
+                failed += 1  # no text: the series is left out of every exposition
+        return failed
 
     def exposition(self, out: list[bytes], name: str, doc: str) -> None:
         out.append(f"# HELP {name} {doc}\n# TYPE {name} histogram\n".encode())
@@ -142,9 +148,14 @@ class EventMetrics(Sink):
         self.queue_wait = Histogram(WAIT_BUCKETS)
         self.latency = Histogram(WAIT_BUCKETS)
         self._render_lock = threading.Lock()  # one render at a time: scrapes and the prerender thread
+        self.render_errors = 0  # series dropped because they could not be rendered
         self._scraped_at = -math.inf
         self._name = CappedLabel(0)
         self._exception = CappedLabel(0)
+        # Hostnames and queues come from the event stream too: a buggy producer inventing
+        # them must not grow the series without bound (the worker and queue caps of state).
+        self._host = CappedLabel(0)
+        self._queue = CappedLabel(MAX_QUEUES)
         self._generic_host = False
         self._follow(config.current)
 
@@ -153,6 +164,7 @@ class EventMetrics(Sink):
         caps = config.cardinality
         self._name.cap = caps.max_task_names
         self._exception.cap = caps.max_exceptions
+        self._host.cap = config.state.max_workers
         self._generic_host = caps.generic_hostname
         self._config = config
 
@@ -161,9 +173,17 @@ class EventMetrics(Sink):
             return
         if self._live.current is not self._config:
             self._follow(self._live.current)
-        name = self._name(update.name)
-        host = GENERIC_HOST if self._generic_host else update.hostname
-        labels = (name, host, update.queue)
+        name, host, queue = update.name, update.hostname, update.queue
+        # Membership first: the common case (a label seen before) costs no call.
+        if name not in self._name.seen:
+            name = self._name(name)
+        if self._generic_host:
+            host = GENERIC_HOST
+        elif host not in self._host.seen:
+            host = self._host(host)
+        if queue not in self._queue.seen:
+            queue = self._queue(queue)
+        labels = (name, host, queue)
         kind = update.kind
         key = (*labels, self._exception(update.exception or "unknown")) if kind == "failed" else labels
         bucket = self.counts[kind]
@@ -173,7 +193,7 @@ class EventMetrics(Sink):
             self.runtime.observe(labels, update.runtime)
         if update.latency is not None:
             self.queue_wait.observe(labels, update.latency)
-            self.latency.observe((update.queue, update.task_class), update.latency)
+            self.latency.observe((queue, update.task_class), update.latency)
 
     def on_tick(self, now: float, offline: list[WorkerUpdate], forgotten: list[str]) -> None:
         for hostname in forgotten:
@@ -188,6 +208,7 @@ class EventMetrics(Sink):
         for histogram in (self.runtime, self.queue_wait):
             for labels in [k for k in histogram.series if k[1] == hostname]:
                 histogram.forget(labels)
+        self._host.seen.discard(hostname)  # its slot under the cap is free again
         self._label_text.clear()
 
     def collect(self) -> Iterator[Metric]:
@@ -250,9 +271,12 @@ class EventMetrics(Sink):
                 labels = dirty.pop()  # atomic: an update from now on marks the series again
                 value = series.get(labels)
                 if value is not None:
-                    rendered[labels] = f"{name}{{{text(names, labels)}}} {value}\n".encode()
+                    try:
+                        rendered[labels] = f"{name}{{{text(names, labels)}}} {value}\n".encode()
+                    except (AttributeError, TypeError, UnicodeError):
+                        self.render_errors += 1  # no text: left out of every exposition
         for attr, name, _doc, names in HISTOGRAMS:
-            getattr(self, attr).render(name, names, text)
+            self.render_errors += getattr(self, attr).render(name, names, text)
 
     def _labels(self, names: tuple[str, ...], values: Labels) -> str:
         key = (names, values)

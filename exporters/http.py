@@ -1,8 +1,9 @@
 """The sidecar's HTTP endpoints: /metrics (Prometheus text format) and /health (JSON).
 
-/metrics is the fast task-metric exposition (exporters/event_metrics.py) followed by the
-registry's other collectors. It is not gzipped: at 200 names x 20 workers the body is
-~19 MB and gzip would add ~40 ms to a scrape that Prometheus makes on the internal network.
+/metrics is exporters/exposition.py's body: the fast task metrics followed by every other
+collector, rendered so that one bad series cannot fail the scrape. It is not gzipped: at
+200 names x 20 workers the body is ~19 MB and gzip would add ~40 ms to a scrape that
+Prometheus makes on the internal network.
 
 /health answers 200 only while the sidecar can do its job: connected to the broker.
 A refused config edit is reported there but keeps 200, because the previous config
@@ -18,22 +19,20 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
 
 
-def _handler(registry: CollectorRegistry, health: Callable[[], tuple[bool, dict[str, Any]]],
-             fast: Callable[[], bytes]):
+def _handler(metrics: Callable[[], list[bytes]], health: Callable[[], tuple[bool, dict[str, Any]]]):
     class Handler(BaseHTTPRequestHandler):
         server_version = "celery-sidecar"
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                # Two writes rather than one concatenation: the task metrics can be tens of MB.
-                self._send(200, [fast(), generate_latest(registry)], CONTENT_TYPE_LATEST)
+                # Chunks rather than one concatenation: the task metrics can be tens of MB.
+                self._send(200, metrics(), CONTENT_TYPE_LATEST)
             elif path == "/health":
                 ok, body = health()
                 self._send(200 if ok else 503, [json.dumps(body, indent=2).encode()], "application/json")
@@ -57,10 +56,10 @@ def _handler(registry: CollectorRegistry, health: Callable[[], tuple[bool, dict[
 
 
 class HttpServer:
-    def __init__(self, bind: str, port: int, registry: CollectorRegistry, health,
-                 fast: Callable[[], bytes] = bytes) -> None:
+    def __init__(self, bind: str, port: int, metrics: Callable[[], list[bytes]],
+                 health: Callable[[], tuple[bool, dict[str, Any]]]) -> None:
         try:
-            self._server = ThreadingHTTPServer((bind, port), _handler(registry, health, fast))
+            self._server = ThreadingHTTPServer((bind, port), _handler(metrics, health))
         except OSError as exc:
             raise OSError(f"cannot listen on {bind}:{port}: {exc.strerror or exc}") from None
         self._server.daemon_threads = True

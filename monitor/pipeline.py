@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from celery_sidecar.monitor.schema import MISSING_TYPE, NOT_AN_EVENT, PARSERS, UNKNOWN_TYPE, Refused
 from celery_sidecar.monitor.state import QueueReading, State, TaskUpdate, WorkerInfo, WorkerUpdate
 from celery_sidecar.monitor.status import Status
 
@@ -56,33 +57,33 @@ class Pipeline:
     # -- events -------------------------------------------------------------------------
 
     def handle(self, event: Any) -> None:
-        counters = self.state.counters
-        try:
-            etype = event["type"]
-        except (TypeError, KeyError, IndexError):
-            self.skip("not_an_event" if not isinstance(event, dict) else "missing_type")
+        """Check one event at the boundary (monitor/schema.py), then fold it and fan out."""
+        if type(event) is not dict:
+            self.skip(NOT_AN_EVENT)
             return
-        if not isinstance(etype, str):
-            self.skip("missing_type")
+        etype = event.get("type")
+        if type(etype) is not str:
+            self.skip(MISSING_TYPE)
+            return
+        parse = PARSERS.get(etype)
+        if parse is None:
+            self.skip(UNKNOWN_TYPE)
+            return
+        received = event.get("local_received")
+        if type(received) is not float and type(received) is not int:  # every intake sets it
+            received = event["local_received"] = self.clock()
+        try:
+            fields = parse(event)
+        except Refused as refused:
+            self.skip(refused.reason)
             return
         with self.lock:
-            try:
-                update = self.state.apply(event)
-            except LookupError as exc:
-                # KeyError is a LookupError too: a missing field, not an unknown type.
-                self.skip("missing_field" if isinstance(exc, KeyError) else "unknown_type")
-                return
-            except (TypeError, ValueError, AttributeError):
-                self.skip("malformed")
-                return
+            update = self.state.apply(etype, fields, received)
+            counters = self.state.counters
             by_type = counters.events_by_type
             by_type[etype] = by_type.get(etype, 0) + 1
-            received = event.get("local_received")
-            if received is not None:
-                counters.last_event_at = received
-                ts = event.get("timestamp")
-                if type(ts) is float or type(ts) is int:
-                    counters.last_event_lag = max(0.0, received - ts)
+            counters.last_event_at = received
+            counters.last_event_lag = max(0.0, received - fields[1])  # the timestamp: second in every parse
             if update is not None:
                 for sink in self._update_sinks:
                     try:
@@ -91,6 +92,7 @@ class Pipeline:
                         self._log_sink_error(sink)
 
     def skip(self, reason: str) -> None:
+        """Count an event (or message) that is not folded, by reason; log a few of them."""
         skipped = self.state.counters.skipped_by_reason
         skipped[reason] = skipped.get(reason, 0) + 1
         if skipped[reason] in (1, 10, 100, 1000) or skipped[reason] % 10000 == 0:

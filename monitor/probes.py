@@ -21,6 +21,7 @@ import redis
 from celery import Celery
 from kombu import Connection
 
+from celery_sidecar.monitor import schema
 from celery_sidecar.monitor.pipeline import Pipeline
 from celery_sidecar.monitor.state import QueueReading, WorkerInfo
 
@@ -111,17 +112,38 @@ def make_queue_probe(broker_url: str, transport_options: dict[str, Any], timeout
 
 
 def inspect_workers(app: Celery, timeout: float) -> dict[str, WorkerInfo]:
-    """Ask live workers for their queues and pool size (remote control, like Flower)."""
+    """Ask live workers for their queues and pool size (remote control, like Flower).
+
+    Replies come from anything that answers on the broker: what is not shaped like a
+    worker's reply (a queue name that is not a label, a pool size that is not a count) is
+    left out, as the schema leaves out such events.
+    """
     inspector = app.control.inspect(timeout=timeout)
-    active_queues = inspector.active_queues() or {}
-    stats = inspector.stats() or {}
+    active_queues = _mapping(inspector.active_queues())
+    stats = _mapping(inspector.stats())
     info = {}
     for hostname in set(active_queues) | set(stats):
-        queues = tuple(q.get("name", "") for q in active_queues.get(hostname) or [] if isinstance(q, dict))
-        pool = (stats.get(hostname) or {}).get("pool") or {}
-        max_conc = pool.get("max-concurrency")
-        info[hostname] = WorkerInfo(queues, int(max_conc) if isinstance(max_conc, int) else None)
+        if not _is_label(hostname):
+            continue
+        replies = active_queues.get(hostname)
+        queues = tuple(q["name"] for q in (replies if isinstance(replies, list) else [])
+                       if isinstance(q, dict) and _is_label(q.get("name")))
+        stat = stats.get(hostname)
+        pool = stat.get("pool") if isinstance(stat, dict) else None
+        max_conc = pool.get("max-concurrency") if isinstance(pool, dict) else None
+        info[hostname] = WorkerInfo(queues, max_conc if type(max_conc) is int and max_conc > 0 else None)
     return info
+
+
+def _mapping(reply: Any) -> dict:
+    return reply if isinstance(reply, dict) else {}
+
+
+def _is_label(value: Any) -> bool:
+    try:
+        return bool(schema.label(value))
+    except schema.Refused:
+        return False
 
 
 class Poller:

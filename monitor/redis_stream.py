@@ -29,6 +29,8 @@ import orjson
 from celery.utils.time import utcoffset
 from kombu import Connection
 
+from celery_sidecar.monitor.schema import MALFORMED, MISSING_TYPE, NOT_AN_EVENT, UNDECODABLE, envelope_ok
+
 __all__ = [
     "EventDecoder",
     "RedisEndpoint",
@@ -36,12 +38,6 @@ __all__ = [
     "stream_events",
 ]
 
-# Skip reasons, the ``reason`` label of celery_sidecar_events_skipped_total; the same
-# names the stock path (monitor/intake.py) and monitor/pipeline.py use.
-SKIP_UNDECODABLE = "undecodable"  # not JSON, not base64, or a content type kombu would refuse
-SKIP_NOT_AN_EVENT = "not_an_event"  # body (or a list item) is not an event dict
-SKIP_MISSING_TYPE = "missing_type"  # an event dict without ``type``
-SKIP_MALFORMED = "malformed"  # clock/timestamp/utcoffset of the wrong type
 
 # Matches EventReceiver: clients never sync their clock, so task-sent gets ours minus one.
 _CLIENT_CLOCK_SKEW = -1
@@ -155,16 +151,19 @@ class EventDecoder:
         """Decode one published message (a kombu JSON envelope) and emit its events."""
         try:
             envelope = orjson.loads(payload)
-            body = envelope["body"]
+            if not envelope_ok(envelope):  # what kombu could not build a Message from
+                self._on_skip(UNDECODABLE)
+                return
             # kombu accepts only the event serializer, json; anything else is a decode error.
             if envelope.get("content-type", "application/json") != "application/json":
-                self._on_skip(SKIP_UNDECODABLE)
+                self._on_skip(UNDECODABLE)
                 return
+            body = envelope.get("body")
             if envelope["properties"].get("body_encoding") == "base64":
                 body = binascii.a2b_base64(body)
             body = orjson.loads(body)
-        except (orjson.JSONDecodeError, binascii.Error, KeyError, TypeError, AttributeError, ValueError):
-            self._on_skip(SKIP_UNDECODABLE)
+        except (orjson.JSONDecodeError, binascii.Error, TypeError, ValueError):
+            self._on_skip(UNDECODABLE)
             return
         if type(body) is dict:
             self._emit(body)
@@ -173,30 +172,37 @@ class EventDecoder:
                 if type(event) is dict:
                     self._emit(event)
                 else:
-                    self._on_skip(SKIP_NOT_AN_EVENT)
+                    self._on_skip(NOT_AN_EVENT)
         else:
-            self._on_skip(SKIP_NOT_AN_EVENT)
+            self._on_skip(NOT_AN_EVENT)
 
     def _emit(self, event: dict) -> None:
         # Mirrors EventReceiver.event_from_message step by step, including where it would
-        # raise: those become skips, exactly as monitor/intake.py's guarded receiver does.
+        # raise: those become skips, exactly as monitor/stock_stream.py's receiver does.
         if "type" not in event:
-            self._on_skip(SKIP_MISSING_TYPE)
+            self._on_skip(MISSING_TYPE)
+            return
+        is_sent = event["type"] == "task-sent"
+        has_clock = "clock" in event
+        if has_clock and not is_sent and type(event["clock"]) is not int:
+            # Refused before it reaches our Lamport clock: a float or a string there would
+            # make every later event's clock wrong too (stock_stream.py refuses the same).
+            self._on_skip(MALFORMED)
             return
         try:
-            if event["type"] == "task-sent":
+            if is_sent:
                 # Clients never sync their clock, so EventReceiver ignores theirs.
                 sent_clock = event["clock"] = (self.clock or 1) + _CLIENT_CLOCK_SKEW
                 self.clock = max(self.clock, sent_clock) + 1
-            elif "clock" in event:
+            elif has_clock:
                 self.clock = max(self.clock, event["clock"]) + 1
             else:
                 self.clock += 1
                 event["clock"] = self.clock
             if "utcoffset" in event and "timestamp" in event:
                 event["timestamp"] = event["timestamp"] - (event["utcoffset"] - self._here) * 3600
-        except TypeError:
-            self._on_skip(SKIP_MALFORMED)
+        except (TypeError, OverflowError):
+            self._on_skip(MALFORMED)
             return
         event["local_received"] = self._now()
         self._on_event(event)

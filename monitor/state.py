@@ -1,8 +1,9 @@
 """Bounded fold of the Celery event stream.
 
-``State.apply(event)`` dispatches on the event type through a table and returns a small
-update record (or None) that the exporter and the alert engine consume. Every structure
-here has a stated bound:
+``State.apply(type, fields, received)`` dispatches on the event type through a table and
+returns a small update record (or None) that the exporter and the alert engine consume.
+The fields come from monitor/schema.py, which has checked them: nothing here converts or
+guards a value. Every structure here has a stated bound:
 
 - in-flight tasks: LRU of ``state.max_tasks`` records (finished tasks are removed);
 - workers: at most ``state.max_workers``, forgotten ``worker_forget_seconds`` after they go;
@@ -22,18 +23,18 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.schema import RESOURCE_EVENT
 from celery_sidecar.monitor.windows import RatioWindow, SampleWindow
 
 log = logging.getLogger(__name__)
 
 TASK_KINDS = ("sent", "received", "started", "succeeded", "failed", "retried", "rejected", "revoked")
-RESOURCE_EVENT = "worker-resources"  # sent by celery_sidecar.plugin.ResourceUsage
 UNKNOWN = "unknown"
 MAX_LEARNED_NAMES = 10_000
+MAX_QUEUES = 1000  # discovered queues (and so queue label values) kept
 _EXC_CLASS = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*[(:]?")
 
 
@@ -153,6 +154,7 @@ class State:
         self.queue_readings: dict[str, QueueReading] = {}
         self.queue_probe_at: float | None = None
         self.probe_errors: dict[str, int] = {}
+        # One handler per event type; monitor/schema.PARSERS has exactly these keys.
         self._table = {
             "task-sent": self._task_sent,
             "task-received": self._task_received,
@@ -160,8 +162,8 @@ class State:
             "task-succeeded": self._task_succeeded,
             "task-failed": self._task_failed,
             "task-retried": self._task_retried,
-            "task-rejected": self._task_final,
-            "task-revoked": self._task_final,
+            "task-rejected": self._task_rejected,
+            "task-revoked": self._task_revoked,
             "worker-online": self._worker_online,
             "worker-heartbeat": self._worker_heartbeat,
             "worker-offline": self._worker_offline,
@@ -174,13 +176,13 @@ class State:
 
     # -- dispatch -------------------------------------------------------------------
 
-    def apply(self, event: dict[str, Any]) -> TaskUpdate | WorkerUpdate | None:
-        """Fold one event. Raises KeyError/TypeError/ValueError on malformed input;
-        the pipeline counts and skips those."""
-        handler = self._table.get(event["type"])
-        if handler is None:
-            raise LookupError("unknown_type")
-        return handler(event)
+    def apply(self, etype: str, fields: tuple, received: float) -> TaskUpdate | WorkerUpdate | None:
+        """Fold one event whose fields monitor/schema.py has parsed (and so checked).
+
+        ``received`` is our local receive time: windows and liveness run on it, so a
+        skewed worker clock cannot age them.
+        """
+        return self._table[etype](fields, received)
 
     # -- tasks ----------------------------------------------------------------------
 
@@ -188,8 +190,6 @@ class State:
         tasks = self.tasks
         rec = tasks.get(uuid)
         if rec is None:
-            if not isinstance(uuid, str):
-                raise TypeError("uuid")
             rec = tasks[uuid] = TaskRecord(uuid)
             if len(tasks) > self.config.state.max_tasks:
                 tasks.popitem(last=False)
@@ -197,53 +197,54 @@ class State:
             tasks.move_to_end(uuid)
         return rec
 
-    def _update(self, kind: str, rec: TaskRecord, event: dict[str, Any], hostname: str | None = None) -> TaskUpdate:
-        host = hostname or rec.hostname or event.get("hostname") or UNKNOWN
+    def _update(self, kind: str, rec: TaskRecord, timestamp: float, hostname: str | None) -> TaskUpdate:
         return TaskUpdate(
             kind=kind,
             uuid=rec.uuid,
             name=rec.name,
-            hostname=host,
+            hostname=hostname or UNKNOWN,
             queue=rec.queue or self.queue_of_name.get(rec.name, UNKNOWN),
-            timestamp=float(event["timestamp"]),
+            timestamp=timestamp,
             retries=rec.retries,
         )
 
-    def _task_sent(self, event: dict[str, Any]) -> TaskUpdate:
-        rec = self._record(event["uuid"])
-        rec.name = event.get("name") or rec.name
-        queue = event.get("queue") or event.get("routing_key")
+    def _task_sent(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, ts, hostname, name, queue, retries, eta_at, args, kwargs = fields
+        rec = self._record(uuid)
+        if name:
+            rec.name = name
         if queue:
             rec.queue = queue
             self._saw_queue(queue)
             if len(self.queue_of_name) < MAX_LEARNED_NAMES or rec.name in self.queue_of_name:
                 self.queue_of_name[rec.name] = queue
-        rec.sent_at = float(event["timestamp"])
-        rec.eta_at = _parse_eta(event.get("eta"))
-        rec.retries = int(event.get("retries") or 0)
-        rec.args, rec.kwargs = event.get("args"), event.get("kwargs")
-        self.counters.sent_events_seen_at = event["local_received"]
+        rec.sent_at, rec.eta_at, rec.retries = ts, eta_at, retries or 0
+        rec.args, rec.kwargs = args, kwargs
+        self.counters.sent_events_seen_at = received
         # The producer's hostname, as danihodovic/celery-exporter labels task-sent.
-        return self._update("sent", rec, event, event.get("hostname"))
+        return self._update("sent", rec, ts, hostname or rec.hostname)
 
-    def _task_received(self, event: dict[str, Any]) -> TaskUpdate:
-        rec = self._record(event["uuid"])
-        rec.name = event.get("name") or rec.name
-        rec.hostname = event["hostname"]
-        rec.received_at = float(event["timestamp"])
-        if "retries" in event:
-            rec.retries = int(event.get("retries") or 0)
+    def _task_received(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, ts, hostname, name, retries, eta_at, args, kwargs = fields
+        rec = self._record(uuid)
+        if name:
+            rec.name = name
+        rec.hostname, rec.received_at = hostname, ts
+        if retries is not None:
+            rec.retries = retries
+        if eta_at is not None:
+            rec.eta_at = eta_at
         if rec.args is None:
-            rec.args, rec.kwargs = event.get("args"), event.get("kwargs")
-        self._saw_task_event(rec.hostname)
-        return self._update("received", rec, event)
+            rec.args, rec.kwargs = args, kwargs
+        self._saw_task_event(hostname)
+        return self._update("received", rec, ts, hostname)
 
-    def _task_started(self, event: dict[str, Any]) -> TaskUpdate:
-        rec = self._record(event["uuid"])
-        rec.hostname = event.get("hostname") or rec.hostname
+    def _task_started(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, started, hostname = fields
+        rec = self._record(uuid)
+        rec.hostname = hostname or rec.hostname
         self._saw_task_event(rec.hostname)
-        started = float(event["timestamp"])
-        update = self._update("started", rec, event)
+        update = self._update("started", rec, started, rec.hostname)
         if rec.sent_at is not None:
             base = rec.sent_at if rec.eta_at is None else max(rec.sent_at, rec.eta_at)
         elif rec.received_at is not None:
@@ -254,51 +255,55 @@ class State:
             latency = max(0.0, started - base)
             update.latency = latency
             update.task_class = "heavy" if self.config.is_heavy(rec.name, rec.queue) else "normal"
-            # Windows run on the local clock, like liveness: a skewed worker clock cannot age them.
-            self.latency_windows[update.task_class].add(event["local_received"], latency)
+            self.latency_windows[update.task_class].add(received, latency)
         return update
 
-    def _task_succeeded(self, event: dict[str, Any]) -> TaskUpdate:
-        rec = self._finish(event)
-        update = self._update("succeeded", rec, event)
-        runtime = event.get("runtime")
-        update.runtime = float(runtime) if runtime is not None else None
-        self._retry_window(rec.name).add(event["local_received"], hit=False)
+    def _task_succeeded(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, ts, hostname, runtime = fields
+        rec = self._finish(uuid, hostname)
+        update = self._update("succeeded", rec, ts, rec.hostname)
+        update.runtime = runtime
+        self._retry_window(rec.name).add(received, hit=False)
         return update
 
-    def _task_failed(self, event: dict[str, Any]) -> TaskUpdate:
-        rec = self._finish(event)
-        update = self._update("failed", rec, event)
-        update.exception, update.exception_message = split_exception(event.get("exception"))
-        update.traceback = event.get("traceback")
+    def _task_failed(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, ts, hostname, exception, traceback = fields
+        rec = self._finish(uuid, hostname)
+        update = self._update("failed", rec, ts, rec.hostname)
+        update.exception, update.exception_message = split_exception(exception)
+        update.traceback = traceback
         update.args, update.kwargs = rec.args, rec.kwargs
-        self._retry_window(rec.name).add(event["local_received"], hit=False)
+        self._retry_window(rec.name).add(received, hit=False)
         return update
 
-    def _task_retried(self, event: dict[str, Any]) -> TaskUpdate:
-        rec = self._record(event["uuid"])
-        rec.hostname = event.get("hostname") or rec.hostname
+    def _task_retried(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, ts, hostname, exception, _traceback = fields
+        rec = self._record(uuid)
+        rec.hostname = hostname or rec.hostname
         self._saw_task_event(rec.hostname)
-        update = self._update("retried", rec, event)
-        update.exception, update.exception_message = split_exception(event.get("exception"))
+        update = self._update("retried", rec, ts, rec.hostname)
+        update.exception, update.exception_message = split_exception(exception)
         # The retry's task-received (with the authoritative `retries`) may arrive before this event.
         rec.retried += 1
         rec.retries = max(rec.retries, rec.retried)
-        self._retry_window(rec.name).add(event["local_received"], hit=True)
+        self._retry_window(rec.name).add(received, hit=True)
         return update
 
-    def _task_final(self, event: dict[str, Any]) -> TaskUpdate:
-        rec = self._finish(event)
-        return self._update("rejected" if event["type"] == "task-rejected" else "revoked", rec, event)
+    def _task_rejected(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, ts, hostname = fields
+        rec = self._finish(uuid, hostname)
+        return self._update("rejected", rec, ts, rec.hostname)
 
-    def _finish(self, event: dict[str, Any]) -> TaskRecord:
-        uuid = event["uuid"]
+    def _task_revoked(self, fields: tuple, received: float) -> TaskUpdate:
+        uuid, ts, hostname = fields
+        rec = self._finish(uuid, hostname)
+        return self._update("revoked", rec, ts, rec.hostname)
+
+    def _finish(self, uuid: str, hostname: str | None) -> TaskRecord:
         rec = self.tasks.pop(uuid, None)
         if rec is None:
-            if not isinstance(uuid, str):
-                raise TypeError("uuid")
             rec = TaskRecord(uuid)
-        rec.hostname = event.get("hostname") or rec.hostname
+        rec.hostname = hostname or rec.hostname
         self._saw_task_event(rec.hostname)
         return rec
 
@@ -314,7 +319,7 @@ class State:
 
     def _saw_queue(self, queue: str) -> None:
         known = self.discovered_queues
-        if queue not in known and len(known) >= 1000:
+        if queue not in known and len(known) >= MAX_QUEUES:
             return
         known[queue] = self.clock()
 
@@ -325,52 +330,50 @@ class State:
 
     # -- workers --------------------------------------------------------------------
 
-    def _worker(self, event: dict[str, Any]) -> tuple[WorkerRecord, WorkerUpdate | None]:
-        hostname = event["hostname"]
-        if not isinstance(hostname, str):
-            raise TypeError("hostname")
-        now = event["local_received"]
+    def _worker(self, hostname: str, ts: float, freq: float | None,
+                now: float) -> tuple[WorkerRecord, WorkerUpdate | None]:
         worker = self.workers.get(hostname)
         came_back = None
         if worker is None:
             if len(self.workers) >= self.config.state.max_workers:
                 self._evict_oldest_dead_worker()
             worker = self.workers[hostname] = WorkerRecord(hostname, first_seen=now, last_seen=now)
-            came_back = WorkerUpdate("online", hostname, "new", now, float(event.get("timestamp", now)))
+            came_back = WorkerUpdate("online", hostname, "new", now, ts)
         elif not worker.alive:
-            came_back = WorkerUpdate("online", hostname, worker.offline_reason, now, float(event["timestamp"]))
+            came_back = WorkerUpdate("online", hostname, worker.offline_reason, now, ts)
             worker.alive, worker.offline_reason, worker.went_offline_at = True, None, None
         worker.last_seen = now
-        worker.last_heartbeat_ts = float(event.get("timestamp", now))
-        worker.freq = float(event.get("freq") or worker.freq)
+        worker.last_heartbeat_ts = ts
+        if freq:
+            worker.freq = freq
         return worker, came_back
 
-    def _worker_online(self, event: dict[str, Any]) -> WorkerUpdate | None:
-        worker, update = self._worker(event)
+    def _worker_online(self, fields: tuple, received: float) -> WorkerUpdate | None:
+        worker, update = self._worker(*fields, received)
         # A worker that just came online has processed nothing: the baseline for telling
         # whether it works without sending task events (tasks may finish before a heartbeat).
         worker.processed_at_first_heartbeat = 0
         return update
 
-    def _worker_heartbeat(self, event: dict[str, Any]) -> WorkerUpdate | None:
-        worker, update = self._worker(event)
-        worker.active = int(event.get("active") or 0)
-        worker.processed = int(event.get("processed") or 0)
+    def _worker_heartbeat(self, fields: tuple, received: float) -> WorkerUpdate | None:
+        hostname, ts, freq, active, processed = fields
+        worker, update = self._worker(hostname, ts, freq, received)
+        worker.active = active or 0
+        worker.processed = processed or 0
         if worker.processed_at_first_heartbeat is None:
             worker.processed_at_first_heartbeat = worker.processed
         return update
 
-    def _worker_offline(self, event: dict[str, Any]) -> WorkerUpdate | None:
-        worker, _ = self._worker(event)
-        return self._mark_offline(worker, "shutdown", event["local_received"])
+    def _worker_offline(self, fields: tuple, received: float) -> WorkerUpdate | None:
+        worker, _ = self._worker(*fields, received)
+        return self._mark_offline(worker, "shutdown", received)
 
-    def _worker_resources(self, event: dict[str, Any]) -> WorkerUpdate | None:
-        worker, update = self._worker(event)
-        worker.cpu_percent = _opt_float(event.get("cpu_percent"))
-        worker.memory_percent = _opt_float(event.get("memory_percent"))
-        worker.rss_bytes = _opt_float(event.get("rss_bytes"))
-        if event.get("pool_max") is not None:
-            worker.pool_max = int(event["pool_max"])
+    def _worker_resources(self, fields: tuple, received: float) -> WorkerUpdate | None:
+        hostname, ts, freq, cpu, memory, rss, pool_max = fields
+        worker, update = self._worker(hostname, ts, freq, received)
+        worker.cpu_percent, worker.memory_percent, worker.rss_bytes = cpu, memory, rss
+        if pool_max is not None:
+            worker.pool_max = pool_max
         return update
 
     def _mark_offline(self, worker: WorkerRecord, reason: str, now: float) -> WorkerUpdate | None:
@@ -456,21 +459,3 @@ def split_exception(text: Any) -> tuple[str | None, str | None]:
     text = str(text)
     match = _EXC_CLASS.match(text)
     return (match.group(1).rsplit(".", 1)[-1] if match else "Exception"), text
-
-
-def _parse_eta(value: Any) -> float | None:
-    if not value:
-        return None
-    try:
-        eta = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    if eta.tzinfo is None:
-        eta = eta.replace(tzinfo=UTC)
-    return eta.timestamp()
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-

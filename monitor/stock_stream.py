@@ -17,23 +17,37 @@ from celery import Celery
 from celery.events.receiver import EventReceiver
 
 from celery_sidecar.monitor.pipeline import Pipeline
+from celery_sidecar.monitor.schema import MALFORMED, MISSING_TYPE, NOT_AN_EVENT, UNDECODABLE, envelope_ok
 
 
 def _guard_envelopes(channel: Any, skip: Callable[[str], None]) -> None:
-    """Count the two envelopes kombu's virtual transports trip over, instead of losing them.
+    """Count the envelopes kombu's virtual transports trip over, instead of losing them.
 
-    A body that is not valid base64 raises out of ``drain_events`` (the consumer would
-    reconnect and miss whatever is published meanwhile): its decode now yields bytes that
-    fail JSON decoding, so kombu calls ``on_decode_error`` and it is counted. An envelope that
-    is not JSON is logged and dropped by the Redis channel; it is now counted too. Both hooks
-    are on this channel instance only, and are skipped where a transport lacks them (AMQP).
+    Unguarded, kombu raises out of ``drain_events`` for an envelope that is a JSON string,
+    one without ``properties`` or ``delivery_tag``, or a body that is not a string or not
+    base64: the consumer reconnects and misses whatever is published meanwhile. Such an
+    envelope is now refused before kombu builds a Message from it (schema.envelope_ok, the
+    rule the fast path applies too), and a body that does not decode goes to
+    ``on_decode_error``. An envelope that is not JSON at all is logged and dropped by the
+    Redis channel; it is counted too. The hooks are on this channel and its transport only,
+    and are skipped where a transport lacks them (AMQP, whose framing kombu does not parse).
     """
+    transport = getattr(channel, "connection", None)
+    deliver = getattr(transport, "_deliver", None)  # kombu.transport.virtual.Transport
+    if deliver is not None:
+        def checked_deliver(message: Any, queue: str) -> None:
+            if not envelope_ok(message):
+                skip(UNDECODABLE)
+                return
+            deliver(message, queue)
+
+        transport._deliver = checked_deliver
     decode_body = getattr(channel, "decode_body", None)
     if decode_body is not None:
         def guarded_decode_body(body: Any, encoding: str | None = None) -> Any:
             try:
                 return decode_body(body, encoding)
-            except (binascii.Error, ValueError):
+            except (binascii.Error, ValueError, TypeError):
                 return _UNDECODABLE_BODY
 
         channel.decode_body = guarded_decode_body
@@ -43,8 +57,11 @@ def _guard_envelopes(channel: Any, skip: Callable[[str], None]) -> None:
             try:
                 return receive_one(client)
             except Empty:  # raised there only for an envelope that is not JSON
-                skip("undecodable")
-                raise
+                skip(UNDECODABLE)
+                # Not re-raised: inside kombu's read loop it would stop reading, and the
+                # messages redis-py already buffered would wait for the next packet on
+                # the socket. None is what a reply that is not a message returns.
+                return None
 
         channel._receive_one = counted_receive_one
 
@@ -68,20 +85,24 @@ class _GuardedReceiver(EventReceiver):
         handle, skip = self._pipeline.handle, self._pipeline.skip
         for item in body if isinstance(body, list) else (body,):
             if not isinstance(item, dict):
-                skip("not_an_event")
+                skip(NOT_AN_EVENT)
+                continue
+            if "clock" in item and type(item["clock"]) is not int and item.get("type") != "task-sent":
+                # Refused before it reaches the Lamport clock, as the fast path does.
+                skip(MALFORMED if "type" in item else MISSING_TYPE)
                 continue
             try:
                 _, event = self.event_from_message(item)
             except KeyError:
-                skip("missing_type")
+                skip(MISSING_TYPE)
                 continue
-            except (TypeError, ValueError):
-                skip("malformed")
+            except (TypeError, ValueError, OverflowError):
+                skip(MALFORMED)
                 continue
             handle(event)
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        self._pipeline.skip("undecodable")
+        self._pipeline.skip(UNDECODABLE)
 
     def on_iteration(self) -> None:
         if self._stop.is_set():

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.brokers import private_vhost
 from tests.support.fake_slack import FakeSlack, fake_slack
 from tests.support.procs import Process, SidecarProcess, start_worker
 from tests.support.servers import RedisServer, redis_server
@@ -59,3 +60,11 @@ def worker(procs):
         return proc
 
     return start
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A private vhost on the machine's RabbitMQ (scripts/test installs and starts one), so
+    nothing else on the broker sees our events or we theirs; deleted afterwards."""
+    with private_vhost() as url:
+        yield url

@@ -90,7 +90,7 @@ def mentioning(slack: FakeSlack, text: str) -> list[Request]:
 def settled(*sides: SidecarProcess, timeout: float = 20) -> None:
     """Every alert the sidecars took on is delivered."""
     for side in sides:
-        side.wait_metric("celery_sidecar_alerts_pending", lambda v: v == 0, timeout=timeout)
+        side.settled(timeout)
 
 
 def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -101,12 +101,6 @@ def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def decided(side: SidecarProcess, moment: float, timeout: float = 30) -> None:
-    """Wait until the sidecar has evaluated its time-based alerts at or after ``moment`` (wall
-    clock) and delivered whatever that produced: from then on, nothing about ``moment`` can
-    still arrive. For "and nothing else happens", instead of sleeping through a window."""
-    side.wait_metric("celery_sidecar_last_tick_timestamp_seconds", lambda v: v >= moment, timeout=timeout)
-    settled(side)
 
 
 class FailureClock:
@@ -349,7 +343,7 @@ def test_a_killed_worker_pages_offline_then_back_online_and_a_graceful_stop_is_i
     [shutdown] = wait_messages(slack, f"Worker shut down: {host}", timeout=15, side=side)
     assert headline(shutdown).startswith("[INFO]")
     # A graceful shutdown is not a page: no "offline" follows once heartbeats stop.
-    decided(side, time.time() + 2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + TICK)
+    side.decided(time.time() + 2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + TICK)
     assert len(messages(slack, "Worker offline")) == 1, [headline(r) for r in slack.accepted()]
     assert [headline(r).split("] ", 1)[1] for r in slack.accepted()] == [
         f"Worker offline: {host}", f"RESOLVED: Worker back online: {host}", f"Worker shut down: {host}",
@@ -501,7 +495,7 @@ def test_a_threshold_edited_in_the_file_changes_alerting_without_a_restart(redis
     side.wait_metric("celery_queue_length", lambda v: v == 150, queue_name="backlog")
 
     # 150 is under 200: for longer than the rule's for_seconds, nothing is sent.
-    decided(side, time.time() + 1 + 2 * TICK)
+    side.decided(time.time() + 1 + 2 * TICK)
     assert slack.requests == [], [headline(r) for r in slack.accepted()]
 
     write_config(path, alerts, queues=["backlog"], thresholds={"queue_length": {"normal": 100, "peak": 1000}})

@@ -1,7 +1,7 @@
 """The sidecar on RabbitMQ: task counters from a real worker, queue length by passive declare.
 
-RabbitMQ is shared (CI starts one per machine), so every queue and worker name here is
-unique to the test, assertions select series by those names, and the queues are deleted.
+Each test session gets a private vhost (conftest.amqp_url); queue and worker names are
+still unique per test, and the queues are deleted after it.
 """
 
 from __future__ import annotations
@@ -17,15 +17,7 @@ from kombu import Connection
 
 from tests.support.clients import producer
 from tests.support.procs import SidecarProcess
-from tests.support.servers import rabbitmq_url, wait_for
-
-
-@pytest.fixture
-def amqp_url() -> str:
-    url = rabbitmq_url()
-    if url is None:
-        pytest.fail("RabbitMQ not reachable: .ci/run installs it")
-    return url
+from tests.support.servers import wait_for
 
 
 @pytest.fixture

@@ -20,11 +20,10 @@ from kombu.utils.json import dumps
 from prometheus_client import CollectorRegistry, generate_latest
 
 from celery_sidecar.exporters.collectors import StateCollector
-from celery_sidecar.monitor.intake import Intake
 from celery_sidecar.monitor.redis_stream import EventDecoder, endpoint_for, stream_events
 from tests.bench.publish import Publisher
 from tests.bench.traffic import Message, Shape, TrafficGenerator, channel_for, encode_message
-from tests.support.inproc import DataPath
+from tests.support.inproc import Consumer, DataPath
 from tests.support.servers import RedisServer, redis_server, wait_for
 
 # Celery's sign convention: hours *west* of UTC (time.timezone / 3600); India is -5.5.
@@ -54,7 +53,7 @@ MALFORMED: list[tuple[bytes, str]] = [
     (_envelope("[1, 2", encode=False), "undecodable"),
     (_envelope({"type": "task-started"}, content_type="application/x-python-serialize"), "undecodable"),
     (_envelope("just a string"), "not_an_event"),
-    (_envelope([{"type": "task-started", "uuid": "u-x", "hostname": "w", "timestamp": 1.0}, 42]),
+    (_envelope([{"type": "task-started", "uuid": "u-x", "hostname": "w", "timestamp": time.time()}, 42]),
      "not_an_event"),
     (_envelope({"uuid": "no-type", "hostname": "w", "timestamp": 1.0}), "missing_type"),
     (_envelope({"type": "task-started", "uuid": "u-y", "hostname": "w", "clock": "x", "timestamp": 1.0}),
@@ -75,8 +74,8 @@ BROKEN_ENVELOPES: list[tuple[bytes, str]] = [
 def _recorded_stream() -> tuple[list[Message], int]:
     """A fixed stream: realistic traffic (batched lists, utcoffset != 0) with malformed
     messages spliced in. Returns (messages, well-formed events)."""
-    generator = TrafficGenerator(Shape(seed=7, utcoffset=SENDER_UTCOFFSET, heartbeat_freq=0.05,
-                                       start=1_700_000_000.0))
+    # Stamped from now: the boundary refuses timestamps more than a week from their receipt.
+    generator = TrafficGenerator(Shape(seed=7, utcoffset=SENDER_UTCOFFSET, heartbeat_freq=0.05))
     messages = list(generator.messages(400))
     for i, (payload, _) in enumerate(MALFORMED + BROKEN_ENVELOPES):
         messages.insert(10 + i * 37, _raw(payload))
@@ -86,23 +85,12 @@ def _recorded_stream() -> tuple[list[Message], int]:
 # -- the guard: both paths, one stream, identical metrics ----------------------------------
 
 
-class _Consumer:
-    """One sidecar data path (intake → pipeline → event metrics) in a thread."""
-
+class _Consumer(Consumer):
     def __init__(self, url: str, fast_path: bool) -> None:
-        path = DataPath.build(now=None)
-        self.state, self.metrics, self.pipeline = path.state, path.metrics, path.pipeline
-        self.status = path.pipeline.status
-        self.intake = Intake(url, {}, self.pipeline, fast_path=fast_path)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.intake.run, args=(self.stop,), daemon=True)
+        super().__init__(url, fast_path)
         self.registry = CollectorRegistry()
         self.registry.register(self.metrics)
-        self.registry.register(StateCollector(path.view, path.config))
-
-    def taken_in(self) -> int:
-        counters = self.state.counters
-        return sum(counters.events_by_type.values()) + sum(counters.skipped_by_reason.values())
+        self.registry.register(StateCollector(self.path.view, self.path.config))
 
     def exposition(self) -> list[str]:
         """The event-derived series: counters, histograms, events/skips by type and reason."""

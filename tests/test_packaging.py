@@ -24,7 +24,7 @@ from celery_sidecar.monitor.state import RESOURCE_EVENT
 from celery_sidecar.plugin import EVENT_TYPE
 from tests.support.paths import SOURCE, child_env
 
-PACKAGE_DIRS = ("celery_sidecar", "monitor", "exporters", "alerts", "grafana", "nginx", "config")
+PACKAGE_DIRS = ("sidecar", "monitor", "exporters", "alerts", "grafana", "nginx", "config")
 INSTALLED_FROM_SOURCE = Path(celery_sidecar.__file__).resolve().is_relative_to(SOURCE.resolve())
 installed_wheel = pytest.mark.skipif(
     INSTALLED_FROM_SOURCE, reason="an editable install: scripts/test runs this against the built wheel")
@@ -60,7 +60,7 @@ def test_the_wheel_installs_one_namespace_and_no_generic_top_level_package():
 def test_every_module_and_data_file_of_the_source_folders_is_in_the_wheel():
     tracked = subprocess.run(["git", "ls-files", *PACKAGE_DIRS], cwd=SOURCE, capture_output=True, text=True,
                              check=True).stdout.split()
-    target = {"celery_sidecar": "celery_sidecar", "monitor": "celery_sidecar/monitor",
+    target = {"sidecar": "celery_sidecar", "monitor": "celery_sidecar/monitor",
               "exporters": "celery_sidecar/exporters", "alerts": "celery_sidecar/alerts",
               "grafana": "celery_sidecar/grafana", "nginx": "celery_sidecar/nginx",
               "config": "celery_sidecar/defaults"}

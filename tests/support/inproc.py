@@ -4,6 +4,7 @@ pipeline → {view, event metrics}. For tests that feed events by hand, with a f
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 from celery_sidecar.exporters.collectors import StateCollector
 from celery_sidecar.exporters.event_metrics import EventMetrics
 from celery_sidecar.monitor.config import Config, LiveConfig, parse_config
+from celery_sidecar.monitor.intake import Intake
 from celery_sidecar.monitor.pipeline import Pipeline, Sink
 from celery_sidecar.monitor.state import State
 from celery_sidecar.monitor.status import Status
@@ -53,3 +55,36 @@ class DataPath:
     def families(self) -> dict[str, Any]:
         """The scrape-time families, by name (one snapshot, as a scrape takes it)."""
         return {f.name: f for f in StateCollector(self.view, self.config).collect()}
+
+
+class Consumer:
+    """One event path (intake → pipeline → state and event metrics) on a thread, against a
+    real broker: the sidecar without its HTTP server, probes and alerts."""
+
+    def __init__(self, url: str, fast_path: bool, transport_options: dict[str, Any] | None = None) -> None:
+        self.path = DataPath.build(now=None)
+        self.state, self.metrics, self.pipeline = self.path.state, self.path.metrics, self.path.pipeline
+        self.status = self.pipeline.status
+        self.intake = Intake(url, transport_options or {}, self.pipeline, fast_path=fast_path)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.intake.run, args=(self.stop,), daemon=True)
+
+    def __enter__(self) -> Consumer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def events(self) -> int:
+        return sum(self.state.counters.events_by_type.values())
+
+    def skipped(self) -> int:
+        return sum(self.state.counters.skipped_by_reason.values())
+
+    def taken_in(self) -> int:
+        return self.events() + self.skipped()

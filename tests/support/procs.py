@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.paths import ARTIFACTS, SIDECAR, SUITE, child_env
@@ -132,6 +133,20 @@ class SidecarProcess(Process):
     def health(self) -> tuple[int, dict]:
         response = httpx.get(f"{self.url}/health", timeout=5)
         return response.status_code, response.json()
+
+    def settled(self, timeout: float = 20) -> None:
+        """Every alert this sidecar took on is delivered."""
+        self.wait_metric("celery_sidecar_alerts_pending", lambda v: v == 0, timeout=timeout)
+
+    def decided(self, moment: float, timeout: float = 30) -> None:
+        """Wait until the sidecar has evaluated its time-based alerts at or after ``moment``
+        (wall clock) and delivered whatever that produced: from then on, nothing about
+        ``moment`` can still arrive. For "and nothing else happens", instead of a sleep."""
+        self.wait_metric("celery_sidecar_last_tick_timestamp_seconds", lambda v: v >= moment, timeout=timeout)
+        self.settled(timeout)
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
 
     def wait_metric(self, name: str, predicate, /, timeout: float = 20, **labels: str) -> float:
         """Poll /metrics until the summed value of matching series satisfies predicate."""

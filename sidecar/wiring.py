@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import ProcessCollector
 
 from celery_sidecar.alerts.slack import SlackSettings
 from celery_sidecar.exporters.collectors import StateCollector
 from celery_sidecar.exporters.event_metrics import EventMetrics
+from celery_sidecar.exporters.exposition import Exposition
 from celery_sidecar.exporters.http import HttpServer
 from celery_sidecar.exporters.ovalmoney import OvalMoneyCollector
 from celery_sidecar.monitor.config import Config, LiveConfig
@@ -88,20 +89,18 @@ class Sidecar:
             inspect_interval=settings.inspect_interval,
             timeout=settings.probe_timeout,
         )
-        self.registry = CollectorRegistry()
+        # /metrics: the fast task metrics, then every collector registered here.
+        self.registry = Exposition(self.event_metrics.exposition, lambda: self.event_metrics.render_errors)
         checks = []
         self.alerts = None
         if settings.alerts:
             self.alerts, dispatcher = self._build_alerts()
             checks.append(dispatcher.check)
-        # event_metrics is not registered: /metrics renders it with its fast exposition.
         self.registry.register(StateCollector(self.view, self.config))
         if "ovalmoney" in settings.compat:
             self.registry.register(OvalMoneyCollector(self.event_metrics, self.view, settings.namespace))
         ProcessCollector(registry=self.registry)
-        self.http = HttpServer(
-            settings.bind, settings.port, self.registry, self.health, self.event_metrics.exposition
-        )
+        self.http = HttpServer(settings.bind, settings.port, self.registry.render, self.health)
         self.reloader = (
             ConfigReloader(settings.config_path, self.config, self.status, checks, settings.reload_interval)
             if settings.config_path

@@ -107,7 +107,7 @@ def broker_option(required: bool = True):
 def run(broker_url: str, config_path: Path | None, log_level: str, **opts) -> None:
     """Consume events, serve /metrics and /health, send alerts."""
     from celery_sidecar.alerts.slack import SlackSettings
-    from celery_sidecar.sidecar import RunSettings
+    from celery_sidecar.wiring import RunSettings
 
     _setup_logging(log_level)
     config = _load_or_exit(config_path)
@@ -136,7 +136,7 @@ def run(broker_url: str, config_path: Path | None, log_level: str, **opts) -> No
 
 
 def serve(settings, config) -> None:
-    from celery_sidecar.sidecar import Sidecar
+    from celery_sidecar.wiring import Sidecar
 
     try:
         sidecar = Sidecar(settings, config)

@@ -1,7 +1,7 @@
 """`celery-sidecar demo`: the whole loop on one machine, with nothing installed but this package.
 
 It starts a private Redis (unless --broker-url is given), a demo Celery worker running
-celery_sidecar/demo_tasks.py, a producer that keeps sending tasks that succeed, fail, retry
+sidecar/demo_tasks.py, a producer that keeps sending tasks that succeed, fail, retry
 and run slowly, and the sidecar itself; then draws a live summary until Ctrl-C or
 --duration. Everything it started is stopped and its temp files removed on the way out.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from celery_sidecar.embedded_redis import EmbeddedRedis, free_port
 from celery_sidecar.monitor.config import load_config
-from celery_sidecar.sidecar import RunSettings, Sidecar
+from celery_sidecar.wiring import RunSettings, Sidecar
 
 # (task name, kwargs, weight): a mix with ~10 % failures and ~15 % flaky retries.
 TRAFFIC = [

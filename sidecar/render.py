@@ -3,7 +3,7 @@
 One render produces everything the compose stack (and the native test harness) runs
 from: the nginx config and its htpasswd, prometheus.yml and the alert rules, Grafana
 provisioning and dashboards and, when the Alertmanager profile is on, alertmanager.yml.
-The templates, rules and dashboards are the package's own data (celery_sidecar/resources.py),
+The templates, rules and dashboards are the package's own data (sidecar/resources.py),
 so an installed wheel renders the stack without a source checkout. Only the click options
 read the environment; the render itself takes a `StackSettings`.
 """
