@@ -30,6 +30,11 @@ KNOWN_KINDS = (
     "worker_online",
     "worker_shutdown",
     "threshold",
+    "task_stuck",
+    "tasks_lost",
+    "task_redelivered",
+    "beat_missed",
+    "beat_down",
 )
 
 MAX_BLOCKS = 50
@@ -106,6 +111,7 @@ def sample_alert(kind: str, status: str = "firing") -> Alert:
         traceback='Traceback (most recent call last):\n  File "x.py", line 1\nValueError: boom',
         link="https://flower.example.com/task/00000000-0000-0000-0000-000000000000",
         created_at=0.0,
+        dashboard="https://grafana.example.com/d/celery-sidecar-task?var-task=app.tasks.sample",
     )
 
 

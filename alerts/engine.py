@@ -21,6 +21,7 @@ from typing import Protocol
 from celery_sidecar.alerts.model import Alert
 from celery_sidecar.monitor.alerts_config import RuleConfig
 from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.dashboard_links import dashboard_url, subject_variables
 from celery_sidecar.monitor.pipeline import Sink, Update
 from celery_sidecar.monitor.signals import BY_RULE, SIGNALS, Reading, Signal, format_value
 from celery_sidecar.monitor.state import TaskUpdate, WorkerUpdate
@@ -81,6 +82,11 @@ class AlertEngine(Sink):
     def stop(self) -> None:
         self.dispatcher.stop()
 
+    def _dashboard(self, **variables: str) -> str | None:
+        """The Grafana dashboard on these variables (per-task with a task), if alerts.grafana_url is set."""
+        base = self.config.alerts.grafana_url
+        return dashboard_url(base, **variables) if base else None
+
     # -- events -----------------------------------------------------------------------
 
     def on_update(self, update: Update) -> None:
@@ -124,6 +130,8 @@ class AlertEngine(Sink):
             "Queue": u.queue,
             "Retries": str(u.retries),
         }
+        if u.entry:
+            fields["Periodic entry"] = u.entry
         if cfg.include_args:
             fields["Args"] = str(u.args)
             fields["Kwargs"] = str(u.kwargs)
@@ -140,6 +148,7 @@ class AlertEngine(Sink):
             traceback=u.traceback,
             link=f"{cfg.flower_url.rstrip('/')}/task/{u.uuid}" if cfg.flower_url else None,
             created_at=u.timestamp,
+            dashboard=self._dashboard(task=u.name, queue=u.queue),
         )
 
     def _flush_storm(self, group: tuple[str, str], storm: _Storm) -> None:
@@ -161,6 +170,7 @@ class AlertEngine(Sink):
                         "Last worker": last.hostname if last else "", "Last task ID": last.uuid if last else ""},
                 task_name=name,
                 created_at=storm.window_start + window,
+                dashboard=self._dashboard(task=name),
             )
         )
         storm.suppressed = 0
@@ -180,6 +190,7 @@ class AlertEngine(Sink):
                     text=f"{update.hostname} sent worker-offline (a graceful shutdown).",
                     fields={"Worker": update.hostname},
                     created_at=update.timestamp,
+                    dashboard=self._dashboard(hostname=update.hostname),
                 )
             )
 
@@ -199,6 +210,7 @@ class AlertEngine(Sink):
                 text=f"No heartbeat from {update.hostname} for {silent:.0f} s (killed, OOM or network).",
                 fields={"Worker": update.hostname, "Silent for": f"{silent:.0f} s"},
                 created_at=update.timestamp,
+                dashboard=self._dashboard(hostname=update.hostname),
             )
         )
 
@@ -212,6 +224,7 @@ class AlertEngine(Sink):
                 text=f"Heartbeats from {update.hostname} have resumed.",
                 fields={"Worker": update.hostname},
                 created_at=update.timestamp,
+                dashboard=self._dashboard(hostname=update.hostname),
             )
         )
 
@@ -268,6 +281,7 @@ class AlertEngine(Sink):
                             "Value": format_value(reading.value, unit),
                             "Threshold": format_value(reading.limit, unit)},
                     created_at=now,
+                    dashboard=self._dashboard(**subject_variables(signal.subject, reading.subject)),
                 )
             )
 
@@ -292,5 +306,6 @@ class AlertEngine(Sink):
                     text=f"{subject} is back under {limit} for {now - breach.clear_since:.0f} s",
                     fields={"Rule": rule_name, "Subject": subject, "Threshold": limit},
                     created_at=now,
+                    dashboard=self._dashboard(**subject_variables(signal.subject, subject)),
                 )
             )

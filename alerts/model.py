@@ -33,8 +33,11 @@ class Alert:
     fields: dict[str, str] = field(default_factory=dict)
     task_name: str | None = None
     traceback: str | None = None
-    link: str | None = None
+    link: str | None = None  # Flower's page of the task, when alerts.flower_url is set
     created_at: float = 0.0
+    # The Grafana dashboard that shows it (monitor/dashboard_links.py), when alerts.grafana_url is
+    # set. Last and defaulted, so outbox entries written before it existed still decode.
+    dashboard: str | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ class StateCollector:
         snap = self._view.snapshot()
         yield from worker_families(snap)
         yield from queue_families(snap)
+        yield from in_flight_families(snap)
+        yield from beat_families(snap)
         yield threshold_family(snap, self._config)
         yield from sidecar_families(snap)
 
@@ -106,6 +108,89 @@ def queue_families(snap: Snapshot) -> Iterator[Metric]:
     yield errors
 
 
+def in_flight_families(snap: Snapshot) -> Iterator[Metric]:
+    """Where the tasks are: waiting (queue age), running (and stuck), lost, redelivered."""
+    age = GaugeMetricFamily(
+        "celery_queue_oldest_task_age_seconds",
+        "How long the oldest task sent to the queue and not started has waited (0: none waits); "
+        "task_class is that task's, for its latency threshold.",
+        labels=["queue_name", "task_class"],
+    )
+    lower = GaugeMetricFamily(
+        "celery_queue_oldest_task_age_lower_bound",
+        "1 while the age comes from when the sidecar first saw the task at the list's end (Redis): "
+        "it was sent before the sidecar started, so it is older.",
+        labels=["queue_name"],
+    )
+    for queue, queue_age in snap.queue_ages.items():
+        age.add_metric([queue, queue_age.task_class], queue_age.seconds)
+        lower.add_metric([queue], 1.0 if queue_age.lower_bound else 0.0)
+    yield age
+    yield lower
+    running = GaugeMetricFamily("celery_task_running", "Tasks running now.", labels=["name"])
+    oldest = GaugeMetricFamily(
+        "celery_task_oldest_running_seconds", "Runtime so far of the longest-running task.", labels=["name"]
+    )
+    stuck = GaugeMetricFamily(
+        "celery_task_stuck", "Tasks running longer than their limit (thresholds.task_runtime_seconds).",
+        labels=["name"],
+    )
+    for name, view in snap.running.items():
+        running.add_metric([name], view.running)
+        oldest.add_metric([name], view.oldest_seconds)
+        stuck.add_metric([name], view.stuck)
+    yield from (running, oldest, stuck)
+    for metric, doc, counts in (
+        ("celery_task_lost", "Tasks a worker had started and not finished when it went down.", snap.lost),
+        ("celery_task_redelivered", "Tasks received a second time (redelivered, not retried).", snap.redelivered),
+    ):
+        family = CounterMetricFamily(metric, doc, labels=["name", "queue_name"])
+        for (name, queue), n in sorted(counts.items()):
+            family.add_metric([name, queue], n)
+        yield family
+    if snap.unacked is not None:
+        yield GaugeMetricFamily("celery_redis_unacked_tasks",
+                                "Messages workers have taken and not acknowledged (kombu's unacked hash).",
+                                value=snap.unacked.count)
+        yield GaugeMetricFamily(
+            "celery_redis_unacked_oldest_age_seconds",
+            "Age of the oldest unacknowledged message (redelivered after the visibility timeout).",
+            value=0.0 if snap.unacked.oldest_at is None else max(0.0, snap.at - snap.unacked.oldest_at),
+        )
+
+
+def beat_families(snap: Snapshot) -> Iterator[Metric]:
+    """Periodic tasks: per Beat schedule entry, its last run, next due time, misses and lateness,
+    and the period and grace a Prometheus rule needs to tell a missed run on its own."""
+    labels = ["entry", "task"]
+    last = GaugeMetricFamily("celery_beat_entry_last_run_timestamp_seconds",
+                             "When the entry's last run was seen (Unix time).", labels=labels)
+    due = GaugeMetricFamily("celery_beat_entry_next_due_timestamp_seconds",
+                            "When the entry's next run is due (Unix time).", labels=labels)
+    missed = CounterMetricFamily("celery_beat_entry_missed", "Due times that passed without a run.",
+                                 labels=labels)
+    late = GaugeMetricFamily("celery_beat_entry_late_seconds", "How late the entry's last run came.",
+                             labels=labels)
+    period = GaugeMetricFamily("celery_beat_entry_period_seconds",
+                               "Seconds from the last run to the next due time (an interval's period, a "
+                               "crontab's current gap).", labels=labels)
+    grace = GaugeMetricFamily("celery_beat_entry_grace_seconds",
+                              "Seconds a run may come after its due time and still be on time.", labels=labels)
+    for entry in snap.beat:
+        key = [entry.entry, entry.task]
+        if entry.last_run is not None:
+            last.add_metric(key, entry.last_run)
+        due.add_metric(key, entry.next_due)
+        missed.add_metric(key, entry.missed_total)
+        late.add_metric(key, entry.late)
+        period.add_metric(key, entry.period)
+        grace.add_metric(key, entry.grace)
+    yield from (last, due, missed, late, period, grace)
+    yield GaugeMetricFamily("celery_beat_down",
+                            "1 while Beat looks down: two entries (or a lone entry's two dues) missed since any run.",
+                            value=0.0 if snap.beat_down_since is None else 1.0)
+
+
 def threshold_family(snap: Snapshot, config: LiveConfig) -> Metric:
     fam = GaugeMetricFamily(
         "celery_threshold",
@@ -167,6 +252,12 @@ def sidecar_families(snap: Snapshot) -> Iterator[Metric]:
         "celery_sidecar_tasks_in_memory", "In-flight tasks tracked (bounded by state.max_tasks).",
         value=intake.tasks_in_memory,
     )
+    if intake.event_queue_messages is not None:
+        yield GaugeMetricFamily(
+            "celery_sidecar_event_queue_messages",
+            "Events waiting in the sidecar's own event queue (AMQP brokers): its backlog.",
+            value=intake.event_queue_messages,
+        )
     if snap.last_tick_at is not None:
         yield GaugeMetricFamily(
             "celery_sidecar_last_tick_timestamp_seconds",

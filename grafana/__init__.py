@@ -1,1 +1,5 @@
-"""Grafana provisioning and the dashboards, shipped as package data."""
+"""Grafana provisioning and the dashboards, shipped as package data.
+
+``dashboards.py`` is the build-time code that generates ``dashboards/*.json`` (scripts/generate);
+nothing imports it at run time.
+"""

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from celery_sidecar.monitor.alerts_config import AlertsConfig
+from celery_sidecar.monitor.beat_config import BeatEntryConfig
 
 
 class ConfigError(ValueError):
@@ -42,8 +43,25 @@ class QueueThresholds(_Strict):
         return self
 
 
+class RuntimeLimits(_Strict):
+    """How long a task may run before it is stuck: a default, and glob overrides by task name
+    (the first matching pattern, in the file's order, wins)."""
+
+    default: float = Field(3600.0, gt=0, description="seconds")
+    overrides: dict[str, float] = Field(default_factory=dict, description="glob on task names -> seconds")
+
+    @field_validator("overrides")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, seconds in value.items():
+            if not seconds > 0:
+                raise ValueError(f"overrides[{pattern!r}] must be greater than 0, got {seconds!r}")
+        return value
+
+
 class Thresholds(_Strict):
     latency_seconds: LatencyThresholds = LatencyThresholds()
+    task_runtime_seconds: RuntimeLimits = RuntimeLimits()
     queue_length: QueueThresholds = QueueThresholds()
     worker_cpu_percent: float = Field(80.0, gt=0, le=100 * 1024)
     worker_memory_percent: float = Field(70.0, gt=0, le=100)
@@ -80,12 +98,38 @@ class Config(_Strict):
     cardinality: Cardinality = Cardinality()
     state: StateLimits = StateLimits()
     alerts: AlertsConfig = AlertsConfig()
+    beat: list[BeatEntryConfig] = Field(default_factory=list, description="schedule entries to watch")
+
+    @field_validator("beat")
+    @classmethod
+    def _unique_entries(cls, value: list[BeatEntryConfig]) -> list[BeatEntryConfig]:
+        names = [e.entry for e in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"beat entries must have unique names; repeated: {', '.join(twice)}")
+        return value
 
     def is_heavy(self, task_name: str | None, queue: str | None) -> bool:
         return self._heavy_cache_lookup(task_name or "", queue or "")
 
     def queue_thresholds(self, queue: str) -> QueueThresholds:
         return self.queue_overrides.get(queue, self.thresholds.queue_length)
+
+    def runtime_limit(self, task_name: str) -> float:
+        """Seconds ``task_name`` may run before it counts as stuck."""
+        cache = self._runtime_cache
+        limit = cache.get(task_name)
+        if limit is None:
+            limits = self.thresholds.task_runtime_seconds
+            limit = next((s for p, s in limits.overrides.items() if fnmatch.fnmatchcase(task_name, p)),
+                         limits.default)
+            if len(cache) < 100_000:
+                cache[task_name] = limit
+        return limit
+
+    @cached_property
+    def _runtime_cache(self) -> dict[str, float]:
+        return {}
 
     @cached_property
     def _heavy_cache(self) -> dict[tuple[str, str], bool]:
@@ -113,7 +157,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(_describe(exc, source, data)) from None
 
 
 def load_config(path: Path | str | None) -> Config:
@@ -134,10 +178,10 @@ def load_config(path: Path | str | None) -> Config:
     return parse_config(data, str(path))
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def _describe(exc: ValidationError, source: str, data: dict[str, Any]) -> str:
     lines = [f"{source}: invalid configuration:"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = ".".join(_name_items(err["loc"], data)) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `celery-sidecar config check --help`)"
@@ -156,3 +200,19 @@ class LiveConfig:
 
     def __init__(self, config: Config) -> None:
         self.current = config
+
+
+def _name_items(loc: tuple, data: Any) -> list[str]:
+    """A location as keys, a list item named by its ``entry`` when it has one
+    (``beat[nightly-cleanup].cron`` rather than ``beat.0.cron``)."""
+    parts: list[str] = []
+    for step in loc:
+        if isinstance(step, int) and isinstance(data, list) and parts:
+            item = data[step] if step < len(data) else None
+            name = item.get("entry") if isinstance(item, dict) else None
+            parts[-1] += f"[{name}]" if isinstance(name, str) else f"[{step}]"
+            data = item
+            continue
+        parts.append(str(step))
+        data = data.get(step) if isinstance(data, dict) else None
+    return parts

@@ -1,11 +1,15 @@
 """Consume the Celery event stream and hand each event to the pipeline, reconnecting forever.
 
-Two paths deliver the same event dicts (``EventReceiver.event_from_message`` shape:
+Three paths deliver the same event dicts (``EventReceiver.event_from_message`` shape:
 timestamps adjusted with ``utcoffset``, ``local_received`` set):
 
+- the Redis fast path (monitor/redis_stream.py): reads pub/sub in bulk, for redis:// URLs;
+- the AMQP fast path (monitor/amqp_stream.py): reads RabbitMQ deliveries off the socket,
+  for amqp://, amqps:// and pyamqp:// URLs with one broker;
 - the stock path (monitor/stock_stream.py): ``celery.events.EventReceiver`` over kombu,
-  for every transport;
-- the Redis fast path (monitor/redis_stream.py): reads pub/sub in bulk, for redis:// URLs.
+  for everything else, and for every URL with ``--no-fast-path``.
+
+On AMQP brokers both paths consume the sidecar's own event queue (monitor/event_queue.py).
 
 A lost connection is logged, shown on /health and retried with capped exponential
 backoff; metrics resume after a broker restart without restarting the sidecar.
@@ -20,9 +24,9 @@ from urllib.parse import urlparse
 
 from celery import Celery
 
-from celery_sidecar.monitor import stock_stream
+from celery_sidecar.monitor import amqp_stream, redis_stream, stock_stream
+from celery_sidecar.monitor.event_queue import EventQueue
 from celery_sidecar.monitor.pipeline import Pipeline
-from celery_sidecar.monitor.redis_stream import endpoint_for, stream_events
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,17 @@ def redact(url: str) -> str:
         netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
         return parsed._replace(netloc=netloc).geturl()
     return url
+
+
+def choose_path(broker_url: str, transport_options: dict[str, Any], fast_path: bool) -> tuple[str, str]:
+    """(path, why): which event path serves ``broker_url``."""
+    if not fast_path:
+        return "stock", "--no-fast-path"
+    if redis_stream.endpoint_for(broker_url, transport_options) is not None:
+        return "redis-fast", "redis:// URL"
+    if amqp_stream.fast_path_serves(broker_url, transport_options):
+        return "amqp-fast", "AMQP URL with one broker"
+    return "stock", "the fast paths serve redis://, amqp://, amqps:// and pyamqp:// URLs with one broker"
 
 
 def make_app(broker_url: str, transport_options: dict[str, Any]) -> Celery:
@@ -54,25 +69,25 @@ class Intake:
         pipeline: Pipeline,
         *,
         fast_path: bool = True,
+        event_queue: EventQueue | None = None,
     ) -> None:
         self.broker_url = broker_url
         self.transport_options = transport_options
         self.pipeline = pipeline
         self.status = status = pipeline.status
         self.app = make_app(broker_url, transport_options)
-        # The fast path serves plain redis:// URLs; TLS, sentinel and sockets use kombu.
-        self.use_fast_path = fast_path and endpoint_for(broker_url, transport_options) is not None
-        status.intake = "redis-fast" if self.use_fast_path else "stock"
+        self.event_queue = event_queue or EventQueue()
         status.broker = redact(broker_url)
+        status.intake, why = choose_path(broker_url, transport_options, fast_path)
+        self._consume = {"redis-fast": self._consume_redis, "amqp-fast": self._consume_amqp,
+                         "stock": self._consume_stock}[status.intake]
+        log.info("event path: %s (%s)", status.intake, why)
 
     def run(self, stop: threading.Event) -> None:
         delay = BACKOFF_START
         while not stop.is_set():
             try:
-                if self.use_fast_path:
-                    self._consume_fast(stop)
-                else:
-                    self._consume_stock(stop)
+                self._consume(stop)
             except Exception as exc:  # noqa: BLE001 - any broker failure: report, back off, retry
                 was_connected = self.status.connected
                 self._disconnected(exc)
@@ -99,17 +114,26 @@ class Intake:
         self.pipeline.set_connected(False, error)
 
     def _consume_stock(self, stop: threading.Event) -> None:
-        stock_stream.consume(self.app, self.pipeline, stop, self._connected)
+        stock_stream.consume(self.app, self.pipeline, stop, self._connected, self.event_queue, self._backlog)
 
-    def _consume_fast(self, stop: threading.Event) -> None:
-        def ready() -> None:
-            self._connected()
-            self.wakeup_workers()
-
-        stream_events(
+    def _consume_redis(self, stop: threading.Event) -> None:
+        redis_stream.stream_events(
             self.broker_url, self.transport_options, on_event=self.pipeline.handle,
-            on_skip=self.pipeline.skip, stop=stop, on_connected=ready,
+            on_skip=self.pipeline.skip, stop=stop, on_connected=self._ready,
         )
+
+    def _consume_amqp(self, stop: threading.Event) -> None:
+        amqp_stream.stream_events(
+            self.broker_url, self.transport_options, self.event_queue, on_event=self.pipeline.handle,
+            on_skip=self.pipeline.skip, stop=stop, on_connected=self._ready, on_backlog=self._backlog,
+        )
+
+    def _ready(self) -> None:
+        self._connected()
+        self.wakeup_workers()
+
+    def _backlog(self, messages: int) -> None:
+        self.status.event_queue_messages = messages
 
     def wakeup_workers(self) -> None:
         """Ask workers for a heartbeat now, so they show up without waiting a beat."""

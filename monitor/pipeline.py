@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery_sidecar.monitor.schema import MISSING_TYPE, NOT_AN_EVENT, PARSERS, UNKNOWN_TYPE, Refused
-from celery_sidecar.monitor.state import QueueReading, State, TaskUpdate, WorkerInfo, WorkerUpdate
+from celery_sidecar.monitor.state import QueueReading, State, TaskUpdate, Unacked, WorkerInfo, WorkerUpdate
 from celery_sidecar.monitor.status import Status
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,9 @@ class Pipeline:
 
     # -- probes -------------------------------------------------------------------------
 
-    def record_queues(self, readings: dict[str, QueueReading]) -> None:
+    def record_queues(self, readings: dict[str, QueueReading], unacked: Unacked | None = None) -> None:
         with self.lock:
-            self.state.record_queues(readings, self.clock())
+            self.state.record_queues(readings, self.clock(), unacked)
 
     def record_inspection(self, info: dict[str, WorkerInfo]) -> None:
         with self.lock:
@@ -143,6 +143,7 @@ class Pipeline:
                 for worker in self.state.workers.values():
                     if worker.alive:
                         worker.last_seen = max(worker.last_seen, now)
+                self.state.beat.resume(now)
                 if status.last_error is not None:
                     status.reconnects += 1
                 status.last_error = None

@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
+import orjson
 import redis
 from celery import Celery
 from kombu import Connection
 
 from celery_sidecar.monitor import schema
 from celery_sidecar.monitor.pipeline import Pipeline
-from celery_sidecar.monitor.state import QueueReading, WorkerInfo
+from celery_sidecar.monitor.state import QueueReading, Unacked, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,40 @@ def redis_queue_keys(queue: str, transport_options: dict[str, Any]) -> list[str]
 
 
 class RedisQueueProbe:
+    """Per queue: LLEN of every key, and the task at the oldest end (LINDEX -1: kombu LPUSHes
+    and BRPOPs) of each; kombu's unacked hash and index. One pipelined round trip."""
+
     def __init__(self, broker_url: str, transport_options: dict[str, Any], timeout: float) -> None:
         self._options = transport_options
         self._client = redis.Redis.from_url(
             broker_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
         )
+        prefix = transport_options.get("global_keyprefix", "") or ""
+        self._unacked = prefix + transport_options.get("unacked_key", "unacked")
+        self._unacked_index = prefix + transport_options.get("unacked_index_key", "unacked_index")
 
-    def read(self, queues: list[str]) -> dict[str, QueueReading]:
+    def read(self, queues: list[str]) -> tuple[dict[str, QueueReading], Unacked]:
         pipe = self._client.pipeline(transaction=False)
         plan = [(q, redis_queue_keys(q, self._options)) for q in queues]
         for _, keys in plan:
             for key in keys:
                 pipe.llen(key)
-        lengths = iter(pipe.execute())
-        return {q: QueueReading(sum(next(lengths) for _ in keys), None) for q, keys in plan}
+                pipe.lindex(key, -1)
+        pipe.hlen(self._unacked)
+        pipe.zrange(self._unacked_index, 0, 0, withscores=True)
+        replies = iter(pipe.execute())
+        readings = {}
+        for queue, keys in plan:
+            length, tails = 0, []
+            for _ in keys:  # one key per priority step: each tail is that priority's oldest
+                length += next(replies)
+                tail = _task_of(next(replies))
+                if tail is not None:
+                    tails.append(tail)
+            readings[queue] = QueueReading(length, None, tuple(tails))
+        count = next(replies)
+        index = next(replies)
+        return readings, Unacked(int(count), float(index[0][1]) if index else None)
 
     def close(self) -> None:
         self._client.close()
@@ -76,7 +97,7 @@ class AmqpQueueProbe:
         )
         self._timeout = timeout
 
-    def read(self, queues: list[str]) -> dict[str, QueueReading]:
+    def read(self, queues: list[str]) -> tuple[dict[str, QueueReading], None]:
         conn = self._conn
         conn.ensure_connection(max_retries=1, timeout=self._timeout)
         sock = getattr(getattr(conn.connection, "transport", None), "sock", None)
@@ -96,7 +117,7 @@ class AmqpQueueProbe:
         finally:
             with contextlib.suppress(Exception):  # closing a broken channel is best effort
                 channel.close()
-        return readings
+        return readings, None
 
     def close(self) -> None:
         self._conn.release()
@@ -133,6 +154,20 @@ def inspect_workers(app: Celery, timeout: float) -> dict[str, WorkerInfo]:
         max_conc = pool.get("max-concurrency") if isinstance(pool, dict) else None
         info[hostname] = WorkerInfo(queues, max_conc if type(max_conc) is int and max_conc > 0 else None)
     return info
+
+
+def _task_of(message: bytes | None) -> tuple[str, str | None] | None:
+    """(task id, task name) of a kombu Redis message (protocol 2 headers), or None."""
+    if not message:
+        return None
+    try:
+        headers = orjson.loads(message).get("headers") or {}
+        task_id, name = headers.get("id"), headers.get("task")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not _is_label(task_id):
+        return None
+    return task_id, name if _is_label(name) else None
 
 
 def _mapping(reply: Any) -> dict:
@@ -195,14 +230,14 @@ class Poller:
         if self._probe is None:
             return
         try:
-            readings = self._probe.read(self._pipeline.known_queues())
+            readings, unacked = self._probe.read(self._pipeline.known_queues())
         except Exception as exc:  # noqa: BLE001 - any broker error: count, keep last value
             if self._stop.is_set():
                 return  # shutting down: the client may be closed under us
             self._pipeline.probe_failed("queue_length")
             log.warning("queue length probe failed: %s", _short(exc))
             return
-        self._pipeline.record_queues(readings)
+        self._pipeline.record_queues(readings, unacked)
 
     def inspect(self) -> None:
         if self._app is None:

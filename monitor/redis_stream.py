@@ -17,7 +17,6 @@ and credential providers stay on the stock kombu path: see ``endpoint_for``.
 
 from __future__ import annotations
 
-import binascii
 import socket
 import threading
 import time
@@ -25,22 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import hiredis
-import orjson
-from celery.utils.time import utcoffset
 from kombu import Connection
 
-from celery_sidecar.monitor.schema import MALFORMED, MISSING_TYPE, NOT_AN_EVENT, UNDECODABLE, envelope_ok
+from celery_sidecar.monitor.decoder import EventDecoder
 
 __all__ = [
-    "EventDecoder",
     "RedisEndpoint",
     "endpoint_for",
     "stream_events",
 ]
 
 
-# Matches EventReceiver: clients never sync their clock, so task-sent gets ours minus one.
-_CLIENT_CLOCK_SKEW = -1
 _RECV_BUFFER = 1 << 20  # one recv() may return a few thousand messages; fewer syscalls
 # hiredis' reader memmoves its unread buffer each time it has consumed 1 KB, so feeding it
 # a whole megabyte at once is quadratic (5.8 us/message at 1 MB vs 0.5 us at 16 KB).
@@ -125,89 +119,6 @@ def _subscribe_pattern(options: dict, db: int, exchange: str) -> str:
     return options.get("global_keyprefix", "") + topic
 
 
-class EventDecoder:
-    """Turns one pub/sub payload into event dicts, as ``EventReceiver`` would.
-
-    Never raises on bad input: every message or event it cannot use goes to ``on_skip``
-    with a reason, and decoding carries on.
-    """
-
-    def __init__(self, on_event: Callable[[dict], None], on_skip: Callable[[str], None],
-                 now: Callable[[], float] = time.time) -> None:
-        self._on_event = on_event
-        self._on_skip = on_skip
-        self._now = now
-        # A private Lamport clock with the same arithmetic as app.clock in
-        # event_from_message; one thread owns it, so no mutex.
-        self.clock = 0
-        # utcoffset() calls localtime(); refresh() once per socket read instead of per event.
-        self._here = utcoffset()
-
-    def refresh(self) -> None:
-        """Re-read the local UTC offset (called once per chunk read from the socket)."""
-        self._here = utcoffset()
-
-    def feed(self, payload: bytes) -> None:
-        """Decode one published message (a kombu JSON envelope) and emit its events."""
-        try:
-            envelope = orjson.loads(payload)
-            if not envelope_ok(envelope):  # what kombu could not build a Message from
-                self._on_skip(UNDECODABLE)
-                return
-            # kombu accepts only the event serializer, json; anything else is a decode error.
-            if envelope.get("content-type", "application/json") != "application/json":
-                self._on_skip(UNDECODABLE)
-                return
-            body = envelope.get("body")
-            if envelope["properties"].get("body_encoding") == "base64":
-                body = binascii.a2b_base64(body)
-            body = orjson.loads(body)
-        except (orjson.JSONDecodeError, binascii.Error, TypeError, ValueError):
-            self._on_skip(UNDECODABLE)
-            return
-        if type(body) is dict:
-            self._emit(body)
-        elif type(body) is list:  # celery 4+: a worker's buffered task events, up to 24
-            for event in body:
-                if type(event) is dict:
-                    self._emit(event)
-                else:
-                    self._on_skip(NOT_AN_EVENT)
-        else:
-            self._on_skip(NOT_AN_EVENT)
-
-    def _emit(self, event: dict) -> None:
-        # Mirrors EventReceiver.event_from_message step by step, including where it would
-        # raise: those become skips, exactly as monitor/stock_stream.py's receiver does.
-        if "type" not in event:
-            self._on_skip(MISSING_TYPE)
-            return
-        is_sent = event["type"] == "task-sent"
-        has_clock = "clock" in event
-        if has_clock and not is_sent and type(event["clock"]) is not int:
-            # Refused before it reaches our Lamport clock: a float or a string there would
-            # make every later event's clock wrong too (stock_stream.py refuses the same).
-            self._on_skip(MALFORMED)
-            return
-        try:
-            if is_sent:
-                # Clients never sync their clock, so EventReceiver ignores theirs.
-                sent_clock = event["clock"] = (self.clock or 1) + _CLIENT_CLOCK_SKEW
-                self.clock = max(self.clock, sent_clock) + 1
-            elif has_clock:
-                self.clock = max(self.clock, event["clock"]) + 1
-            else:
-                self.clock += 1
-                event["clock"] = self.clock
-            if "utcoffset" in event and "timestamp" in event:
-                event["timestamp"] = event["timestamp"] - (event["utcoffset"] - self._here) * 3600
-        except (TypeError, OverflowError):
-            self._on_skip(MALFORMED)
-            return
-        event["local_received"] = self._now()
-        self._on_event(event)
-
-
 def stream_events(broker_url: str, transport_options: dict | None,
                   on_event: Callable[[dict], None], on_skip: Callable[[str], None],
                   stop: threading.Event, on_connected: Callable[[], None] | None = None) -> None:
@@ -234,15 +145,28 @@ def stream_events(broker_url: str, transport_options: dict | None,
 
 
 def _connect(endpoint: RedisEndpoint) -> socket.socket:
+    error: OSError | None = None
     try:
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=endpoint.connect_timeout)
+        addresses = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConnectionError(f"cannot connect to Redis at {endpoint.host}:{endpoint.port}: {exc}") from exc
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    # A bigger kernel buffer absorbs bursts while Python is busy in the pipeline.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    return sock
+        raise ConnectionError(f"cannot resolve Redis host {endpoint.host}: {exc}") from exc
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        # A bigger kernel buffer absorbs bursts while Python is busy in the pipeline. Set
+        # before connecting: the window scale is agreed in the handshake, and growing the
+        # buffer of a connected socket can make the kernel drop segments instead.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.settimeout(endpoint.connect_timeout)
+        try:
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return sock
+    raise ConnectionError(f"cannot connect to Redis at {endpoint.host}:{endpoint.port}: {error}")
 
 
 def _command(*args: str | bytes) -> bytes:

@@ -12,8 +12,11 @@ Everything else is derived from it:
 - the `alerts.rules` section of the config schema takes its rule names and defaults from
   ``RULE_DEFAULTS``;
 - the README's threshold table is ``markdown_table()`` (scripts/generate rewrites it);
-- the dashboards' threshold lines, and tests/test_signals.py checks that the shipped
-  Prometheus rules judge each signal against the same ``celery_threshold`` series.
+- the Grafana dashboards' threshold lines: grafana/dashboards.py builds their queries from
+  ``thresholds()`` rows, at build time;
+- the dashboard an alert links to (``subject``, through monitor/dashboard_links.py);
+- and tests/test_signals.py checks that the shipped Prometheus rules judge each signal
+  against the same ``celery_threshold`` series.
 
 This module imports nothing at run time from the rest of the package: the config schema
 imports it.
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 
 Severity = Literal["info", "warning", "critical"]
 Unit = Literal["s", "%", "ratio", "messages"]
+# What a Reading's subject names; monitor/dashboard_links.py maps it to a dashboard variable.
+Subject = Literal["task_class", "queue", "worker", "task"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Signal:
     defaults: RuleDefaults
     prometheus_alert: str  # the shipped Prometheus alert judging the same signal
     compares: str  # for the docs: what is compared with what
+    subject: Subject  # what each Reading.subject is: alert links open the dashboard on it
     thresholds: Callable[[Config, Iterable[str]], list[Threshold]]
     read: Callable[[Snapshot, Config], Iterator[Reading]]
 
@@ -82,10 +88,18 @@ def _latency_thresholds(cfg: Config, queues: Iterable[str]) -> list[Threshold]:
 
 def _latency(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
     t = cfg.thresholds.latency_seconds
-    for task_class, limit in (("normal", t.normal), ("heavy", t.heavy)):
+    limits = {"normal": t.normal, "heavy": t.heavy}
+    for task_class, limit in limits.items():
         p95 = snap.latency_p95.get(task_class)
         if p95 is not None:
             yield Reading(task_class, p95, limit, f"p95 queue wait of {task_class} tasks is {p95:.1f} s")
+    # Tasks that have not started count too: a queue nobody consumes produces no queue wait
+    # samples at all, and its oldest task's age is the latency that matters then.
+    for queue, age in snap.queue_ages.items():
+        if age.seconds > 0:
+            yield Reading(f"queue {queue}", age.seconds, limits[age.task_class],
+                          f"the oldest task in queue {queue} ({age.task_class}) has waited {age.seconds:.1f} s "
+                          f"without starting{' (at least)' if age.lower_bound else ''}")
 
 
 def _queue_thresholds(level: str) -> Callable[[Config, Iterable[str]], list[Threshold]]:
@@ -145,25 +159,30 @@ SIGNALS: tuple[Signal, ...] = (
     Signal(
         rule="latency", title="Task latency above threshold", unit="s",
         defaults=RuleDefaults("warning", 30, 60), prometheus_alert="CeleryTaskLatencyHigh",
-        compares="p95 queue wait (sent, or eta, to started) of normal / heavy tasks",
+        compares="p95 queue wait (sent, or eta, to started) of normal / heavy tasks, and the age of the "
+                 "oldest task waiting in each queue, against its class's threshold",
+        subject="task_class",
         thresholds=_latency_thresholds, read=_latency,
     ),
     Signal(
         rule="queue_length_normal", title="Queue length above normal threshold", unit="messages",
         defaults=RuleDefaults("warning", 30, 60), prometheus_alert="CeleryQueueLengthHigh",
         compares="messages waiting in a queue (normal level), per queue",
+        subject="queue",
         thresholds=_queue_thresholds("normal"), read=_queue_length("normal"),
     ),
     Signal(
         rule="queue_length_peak", title="Queue length above peak threshold", unit="messages",
         defaults=RuleDefaults("critical", 30, 60), prometheus_alert="CeleryQueueLengthCritical",
         compares="messages waiting in a queue (peak level), per queue",
+        subject="queue",
         thresholds=_queue_thresholds("peak"), read=_queue_length("peak"),
     ),
     Signal(
         rule="worker_cpu", title="Worker CPU above threshold", unit="%",
         defaults=RuleDefaults("warning", 60, 60), prometheus_alert="CeleryWorkerCpuHigh",
         compares="a worker's CPU, % of its host (worker plugin)",
+        subject="worker",
         thresholds=_worker_thresholds("worker_cpu_percent", "worker_cpu_percent"),
         read=_worker_usage("worker_cpu_percent", "cpu_percent", "CPU"),
     ),
@@ -171,6 +190,7 @@ SIGNALS: tuple[Signal, ...] = (
         rule="worker_memory", title="Worker memory above threshold", unit="%",
         defaults=RuleDefaults("warning", 60, 60), prometheus_alert="CeleryWorkerMemoryHigh",
         compares="a worker's memory, % of its host (worker plugin)",
+        subject="worker",
         thresholds=_worker_thresholds("worker_memory_percent", "worker_memory_percent"),
         read=_worker_usage("worker_memory_percent", "memory_percent", "memory"),
     ),
@@ -179,6 +199,7 @@ SIGNALS: tuple[Signal, ...] = (
         defaults=RuleDefaults("warning", 60, 120), prometheus_alert="CeleryTaskRetryRateHigh",
         compares="retries / (retries + finished) per task name over the retry window, once a task has "
                  "retry_rate_min_outcomes outcomes in it",
+        subject="task",
         thresholds=_retry_thresholds, read=_retry_rate,
     ),
 )
@@ -188,6 +209,10 @@ EVENT_RULES: dict[str, RuleDefaults] = {
     "task_failed": RuleDefaults("warning"),
     "worker_offline": RuleDefaults("critical"),
     "worker_shutdown": RuleDefaults("info"),
+    "task_stuck": RuleDefaults("warning"),  # running past thresholds.task_runtime_seconds
+    "tasks_lost": RuleDefaults("warning"),  # started on a worker that went down, not finished
+    "beat_missed": RuleDefaults("warning"),  # a periodic task's run did not come by due + grace
+    "beat_down": RuleDefaults("critical"),  # two entries missed since any run: Beat looks down
 }
 
 RULE_DEFAULTS: dict[str, RuleDefaults] = {**EVENT_RULES, **{s.rule: s.defaults for s in SIGNALS}}

@@ -10,7 +10,10 @@ guards a value. Every structure here has a stated bound:
 - retry/latency windows: fixed-size rings per task name (names capped by the exporter's cap)
   and per task class;
 - discovered queues: 1000; task name -> queue map: 10,000 names;
-- probe readings: one per known queue (the probes are intakes too: pipeline.py).
+- probe readings: one per known queue (the probes are intakes too: pipeline.py);
+- waiting and running tasks: indexes over the in-flight LRU (monitor/inflight.py);
+- recently finished or lost task ids (to tell a redelivery): an LRU of 10,000;
+- lost and redelivered counts: per (task name, queue), names capped like the retry windows.
 
 Worker liveness uses the *local* receive time of heartbeats, so clock skew between
 workers and the sidecar cannot make a live worker look dead.
@@ -25,7 +28,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_sidecar.monitor.app_defaults import AppDefaults
+from celery_sidecar.monitor.beat import BeatTracker
 from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.inflight import Running, Waiting
 from celery_sidecar.monitor.schema import RESOURCE_EVENT
 from celery_sidecar.monitor.windows import RatioWindow, SampleWindow
 
@@ -35,6 +41,8 @@ TASK_KINDS = ("sent", "received", "started", "succeeded", "failed", "retried", "
 UNKNOWN = "unknown"
 MAX_LEARNED_NAMES = 10_000
 MAX_QUEUES = 1000  # discovered queues (and so queue label values) kept
+MAX_RECENT = 10_000  # finished or lost task ids remembered, to recognise a redelivery
+MAX_STUCK = 100  # stuck tasks reported at once (each is one alert)
 _EXC_CLASS = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*[(:]?")
 
 
@@ -47,6 +55,7 @@ class TaskRecord:
     sent_at: float | None = None
     eta_at: float | None = None
     received_at: float | None = None
+    started_at: float | None = None  # our clock: when the task-started event arrived
     retries: int = 0
     retried: int = 0  # task-retried events seen; fills in when events carry no retries field
     args: str | None = None
@@ -72,6 +81,9 @@ class TaskUpdate:
     retries: int = 0
     args: str | None = None
     kwargs: str | None = None
+    redelivered: bool = False  # received again after being received, finished or lost
+    was_lost: bool = False  # ... and it had been reported lost with its worker
+    entry: str | None = None  # the Beat schedule entry this task is a run of
 
 
 @dataclass(slots=True)
@@ -105,6 +117,7 @@ class WorkerUpdate:
     reason: str | None
     timestamp: float
     last_heartbeat_ts: float
+    lost: tuple[tuple[str, str, str], ...] = ()  # (uuid, name, queue) of tasks it had started and not finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +126,15 @@ class QueueReading:
 
     length: int
     consumers: int | None  # AMQP knows its consumers; Redis does not
+    tails: tuple[tuple[str, str | None], ...] = ()  # Redis: (task id, name) at the oldest end of each list
+
+
+@dataclass(frozen=True, slots=True)
+class Unacked:
+    """Redis: messages workers have taken and not acknowledged (kombu's unacked hash)."""
+
+    count: int
+    oldest_at: float | None  # when the oldest of them was delivered (unacked_index score)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +157,12 @@ class Counters:
 
 
 class State:
-    def __init__(self, config: LiveConfig, clock=time.time) -> None:
+    def __init__(self, config: LiveConfig, clock=time.time, app: AppDefaults | None = None) -> None:
         self._live = config
         self.clock = clock
+        self.app = app or AppDefaults()
+        self.beat = BeatTracker()
+        self._beat_config: Config | None = None
         self.tasks: OrderedDict[str, TaskRecord] = OrderedDict()
         self.workers: dict[str, WorkerRecord] = {}
         self.counters = Counters()
@@ -154,6 +179,14 @@ class State:
         self.queue_readings: dict[str, QueueReading] = {}
         self.queue_probe_at: float | None = None
         self.probe_errors: dict[str, int] = {}
+        # Redis: queue -> {task id at the oldest end of one of its lists: (name, first seen there)}
+        self.tails: dict[str, dict[str, tuple[str | None, float]]] = {}
+        self.unacked: Unacked | None = None
+        self.waiting = Waiting()
+        self.running = Running()
+        self.recent: OrderedDict[str, tuple[int, bool]] = OrderedDict()  # uuid -> (retries, lost)
+        self.lost: dict[tuple[str, str], int] = {}
+        self.redelivered: dict[tuple[str, str], int] = {}
         # One handler per event type; monitor/schema.PARSERS has exactly these keys.
         self._table = {
             "task-sent": self._task_sent,
@@ -169,6 +202,7 @@ class State:
             "worker-offline": self._worker_offline,
             RESOURCE_EVENT: self._worker_resources,
         }
+        self.follow_beat_config(clock())
 
     @property
     def config(self) -> Config:
@@ -192,7 +226,9 @@ class State:
         if rec is None:
             rec = tasks[uuid] = TaskRecord(uuid)
             if len(tasks) > self.config.state.max_tasks:
-                tasks.popitem(last=False)
+                evicted, _ = tasks.popitem(last=False)
+                self.waiting.remove(evicted)
+                self.running.finish(evicted)
         else:
             tasks.move_to_end(uuid)
         return rec
@@ -220,12 +256,18 @@ class State:
                 self.queue_of_name[rec.name] = queue
         rec.sent_at, rec.eta_at, rec.retries = ts, eta_at, retries or 0
         rec.args, rec.kwargs = args, kwargs
+        if rec.queue and rec.started_at is None:
+            self.waiting.add(uuid, rec.queue, received, eta_at)
         self.counters.sent_events_seen_at = received
         # The producer's hostname, as danihodovic/celery-exporter labels task-sent.
-        return self._update("sent", rec, ts, hostname or rec.hostname)
+        update = self._update("sent", rec, ts, hostname or rec.hostname)
+        if self.beat.by_task:
+            update.entry = self.beat.saw(uuid, rec.name, args, kwargs, received)
+        return update
 
     def _task_received(self, fields: tuple, received: float) -> TaskUpdate:
         uuid, ts, hostname, name, retries, eta_at, args, kwargs = fields
+        again = self._received_before(uuid, retries)
         rec = self._record(uuid)
         if name:
             rec.name = name
@@ -236,15 +278,45 @@ class State:
             rec.eta_at = eta_at
         if rec.args is None:
             rec.args, rec.kwargs = args, kwargs
+        if rec.sent_at is None and rec.started_at is None:
+            # No task-sent seen: it waits (prefetched) from now, on the queue its name goes to.
+            queue = rec.queue or self.queue_of_name.get(rec.name)
+            if queue:
+                self.waiting.add(uuid, queue, received, eta_at)
         self._saw_task_event(hostname)
-        return self._update("received", rec, ts, hostname)
+        update = self._update("received", rec, ts, hostname)
+        if self.beat.by_task:
+            update.entry = self.beat.saw(uuid, rec.name, rec.args, rec.kwargs, received)
+        if again is not None:
+            update.redelivered, update.was_lost = True, again
+            self._count(self.redelivered, rec.name, update.queue)
+        return update
+
+    def _received_before(self, uuid: str, retries: int | None) -> bool | None:
+        """None for a first delivery; else whether this task had been reported lost.
+
+        A retry is received again too, with a higher ``retries``: that is not a redelivery.
+        """
+        rec = self.tasks.get(uuid)
+        if rec is not None and (rec.received_at is not None or rec.started_at is not None):
+            return False if retries is None or retries <= rec.retries else None
+        seen = self.recent.pop(uuid, None)
+        if seen is None:
+            return None
+        was_retries, was_lost = seen
+        return was_lost if retries is None or retries <= was_retries else None
 
     def _task_started(self, fields: tuple, received: float) -> TaskUpdate:
         uuid, started, hostname = fields
         rec = self._record(uuid)
         rec.hostname = hostname or rec.hostname
+        rec.started_at = received
+        self.waiting.remove(uuid)
+        self.running.start(uuid, rec.name, rec.hostname or UNKNOWN, received)
         self._saw_task_event(rec.hostname)
         update = self._update("started", rec, started, rec.hostname)
+        if self.beat.by_task:
+            update.entry = self.beat.saw(uuid, rec.name, rec.args, rec.kwargs, received)
         if rec.sent_at is not None:
             base = rec.sent_at if rec.eta_at is None else max(rec.sent_at, rec.eta_at)
         elif rec.received_at is not None:
@@ -270,6 +342,7 @@ class State:
         uuid, ts, hostname, exception, traceback = fields
         rec = self._finish(uuid, hostname)
         update = self._update("failed", rec, ts, rec.hostname)
+        update.entry = self.beat.entry_of(uuid)
         update.exception, update.exception_message = split_exception(exception)
         update.traceback = traceback
         update.args, update.kwargs = rec.args, rec.kwargs
@@ -280,6 +353,9 @@ class State:
         uuid, ts, hostname, exception, _traceback = fields
         rec = self._record(uuid)
         rec.hostname = hostname or rec.hostname
+        # Back to its queue: its next run is a new task-sent/received/started.
+        rec.started_at = None
+        self.running.finish(uuid)
         self._saw_task_event(rec.hostname)
         update = self._update("retried", rec, ts, rec.hostname)
         update.exception, update.exception_message = split_exception(exception)
@@ -304,8 +380,28 @@ class State:
         if rec is None:
             rec = TaskRecord(uuid)
         rec.hostname = hostname or rec.hostname
+        self.waiting.remove(uuid)
+        self.running.finish(uuid)
+        self._remember(uuid, rec.retries, lost=False)
         self._saw_task_event(rec.hostname)
         return rec
+
+    def _remember(self, uuid: str, retries: int, lost: bool) -> None:
+        recent = self.recent
+        recent[uuid] = (retries, lost)
+        recent.move_to_end(uuid)
+        if len(recent) > MAX_RECENT:
+            recent.popitem(last=False)
+
+    def _count(self, counts: dict[tuple[str, str], int], name: str, queue: str) -> None:
+        """Count per (name, queue); names past the task-name cap count as 'other'. Rare events
+        (a lost or redelivered task), so the cap is checked by looking, not by bookkeeping."""
+        names = {n for n, _ in counts}
+        if name not in names and len(names) >= self.config.cardinality.max_task_names:
+            name = "other"
+        if queue not in self.discovered_queues:
+            queue = UNKNOWN if len(counts) >= MAX_QUEUES else queue
+        counts[(name, queue)] = counts.get((name, queue), 0) + 1
 
     def _retry_window(self, name: str) -> RatioWindow:
         window = self.retry_windows.get(name)
@@ -381,7 +477,22 @@ class State:
             return None
         worker.alive, worker.offline_reason, worker.went_offline_at = False, reason, now
         worker.active = 0
-        return WorkerUpdate("offline", worker.hostname, reason, now, worker.last_heartbeat_ts)
+        return WorkerUpdate("offline", worker.hostname, reason, now, worker.last_heartbeat_ts,
+                            lost=self._lose(worker.hostname))
+
+    def _lose(self, hostname: str) -> tuple[tuple[str, str, str], ...]:
+        """The tasks ``hostname`` had started and not finished: lost with it (or, with acks_late,
+        to be redelivered later). They leave the in-flight state; their ids are remembered."""
+        lost = []
+        for uuid in self.running.on_host(hostname):
+            self.running.finish(uuid)
+            rec = self.tasks.pop(uuid, None)
+            name = rec.name if rec else UNKNOWN
+            queue = (rec.queue if rec else None) or self.queue_of_name.get(name, UNKNOWN)
+            self._remember(uuid, rec.retries if rec else 0, lost=True)
+            self._count(self.lost, name, queue)
+            lost.append((uuid, name, queue))
+        return tuple(lost)
 
     def _evict_oldest_dead_worker(self) -> None:
         dead = [w for w in self.workers.values() if not w.alive]
@@ -394,6 +505,8 @@ class State:
         Returns (offline updates, forgotten hostnames). Called about once a second.
         """
         now = self.clock() if now is None else now
+        self.follow_beat_config(now)
+        self.beat.tick(now)
         limits = self.config.state
         went_offline: list[WorkerUpdate] = []
         forgotten: list[str] = []
@@ -418,12 +531,32 @@ class State:
         waited = now - worker.first_seen >= min(self.config.state.task_events_grace_seconds, 3 * worker.freq)
         return did_work and waited
 
+    # -- periodic tasks ------------------------------------------------------------
+
+    def follow_beat_config(self, now: float) -> None:
+        """Watch the Beat entries of the config in force (and the app's), once it changed."""
+        config = self.config
+        if config is not self._beat_config:
+            self._beat_config = config
+            self.beat.configure(self.app.beat_entries(config), now)
+
+    def runtime_limit(self, task_name: str) -> float:
+        return self.app.runtime_limit(self.config, task_name)
+
     # -- probe results ---------------------------------------------------------------
 
-    def record_queues(self, readings: dict[str, QueueReading], at: float) -> None:
+    def record_queues(self, readings: dict[str, QueueReading], at: float, unacked: Unacked | None = None) -> None:
         known = set(self.known_queues())
         self.queue_readings = {q: r for q, r in {**self.queue_readings, **readings}.items() if q in known}
         self.queue_probe_at = at
+        for queue, reading in readings.items():
+            if not reading.tails or queue not in known:
+                self.tails.pop(queue, None)
+                continue
+            seen = self.tails.get(queue, {})
+            self.tails[queue] = {tid: seen.get(tid, (name, at)) for tid, name in reading.tails}
+        if unacked is not None:
+            self.unacked = unacked
 
     def record_inspection(self, info: dict[str, WorkerInfo]) -> None:
         for hostname, worker_info in info.items():
@@ -438,6 +571,26 @@ class State:
 
     # -- queries ------------------------------------------------------------------------
 
+    def queue_age(self, queue: str, now: float) -> tuple[float, str, bool]:
+        """(how long the oldest task sent to ``queue`` and not started has waited, its task
+        class, whether that is only a lower bound). 0 for an empty queue.
+
+        From the in-flight tasks (task-sent seen), and on Redis from the task at the oldest
+        end of the list: when the sidecar never saw that one sent (it is older than the
+        sidecar), its age counts from when the probe first saw it there: a lower bound.
+        """
+        age, uuid = self.waiting.oldest(queue, now)
+        name, lower = None, False
+        for tid, (tail_name, first_seen) in self.tails.get(queue, {}).items():
+            # One the sidecar saw sent is in the waiting index already, with its real age.
+            if tid not in self.tasks and now - first_seen > age:
+                age, uuid, name, lower = now - first_seen, tid, tail_name, True
+        if uuid is not None and name is None:
+            rec = self.tasks.get(uuid)
+            name = rec.name if rec is not None else None
+        heavy = uuid is not None and self.config.is_heavy(name, queue)
+        return age, "heavy" if heavy else "normal", lower
+
     def latency_source(self, now: float | None = None) -> str:
         seen = self.counters.sent_events_seen_at
         now = self.clock() if now is None else now
@@ -446,7 +599,7 @@ class State:
         return "received"
 
     def known_queues(self) -> list[str]:
-        queues = set(self.config.queues) | set(self.discovered_queues)
+        queues = set(self.config.queues) | set(self.discovered_queues) | set(self.app.queues)
         for worker in self.workers.values():
             queues.update(worker.queues)
         return sorted(queues)

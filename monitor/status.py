@@ -18,6 +18,7 @@ class Status:
     connected: bool = False
     reconnects: int = 0
     last_error: str | None = None
+    event_queue_messages: int | None = None  # the AMQP event queue's depth, read by the intake
     started_at: float = field(default_factory=time.time)
     config_path: str | None = None
     config_error: str | None = None

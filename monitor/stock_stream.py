@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import binascii
 import threading
+import time
 from collections.abc import Callable
 from queue import Empty
 from typing import Any
 
 from celery import Celery
 from celery.events.receiver import EventReceiver
+from kombu import Queue
 
+from celery_sidecar.monitor.event_queue import EventQueue
 from celery_sidecar.monitor.pipeline import Pipeline
 from celery_sidecar.monitor.schema import MALFORMED, MISSING_TYPE, NOT_AN_EVENT, UNDECODABLE, envelope_ok
 
@@ -66,20 +69,37 @@ def _guard_envelopes(channel: Any, skip: Callable[[str], None]) -> None:
         channel._receive_one = counted_receive_one
 
 
+BACKLOG_SECONDS = 5.0  # how often the event queue's depth is read (AMQP)
 # Not UTF-8, so not JSON: kombu's decode fails and routes the message to on_decode_error.
 _UNDECODABLE_BODY = b"\xff"
 
 
 class _GuardedReceiver(EventReceiver):
-    """EventReceiver that counts and skips what it cannot decode instead of dying."""
+    """EventReceiver that counts and skips what it cannot decode instead of dying, and on
+    AMQP consumes the sidecar's own event queue (monitor/event_queue.py)."""
 
-    def __init__(self, *args: Any, pipeline: Pipeline, stop: threading.Event, on_ready, **kwargs: Any):
+    def __init__(self, *args: Any, pipeline: Pipeline, stop: threading.Event, on_ready,
+                 event_queue: EventQueue, on_backlog: Callable[[int], None], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._pipeline = pipeline
         self._stop = stop
         self._on_ready = on_ready
+        self._on_backlog = on_backlog
+        self._channel: Any = None
+        self._next_backlog = 0.0
         # Our loop owns reconnecting (with status and backoff); kombu must not retry forever.
         self.connect_max_retries = 1
+        if self.connection.transport.driver_type == "amqp":
+            args = event_queue.arguments()
+            self.queue = Queue(
+                event_queue.name, exchange=self.exchange, routing_key=self.routing_key, durable=False,
+                auto_delete=False, exclusive=False, message_ttl=event_queue.ttl_seconds,
+                expires=event_queue.expires_seconds,
+                queue_arguments={k: args[k] for k in ("x-max-length-bytes", "x-overflow")},
+            )
+            self._backlog_of = event_queue.name
+        else:
+            self._backlog_of = None
 
     def _receive(self, body: Any, message: Any, list=list, isinstance=isinstance) -> None:
         handle, skip = self._pipeline.handle, self._pipeline.skip
@@ -107,9 +127,15 @@ class _GuardedReceiver(EventReceiver):
     def on_iteration(self) -> None:
         if self._stop.is_set():
             self.should_stop = True
+        if self._backlog_of is not None and self._channel is not None and time.monotonic() >= self._next_backlog:
+            # On the consuming connection: celery's event queues may be exclusive to it.
+            _, messages, _ = self._channel.queue_declare(self._backlog_of, passive=True)
+            self._on_backlog(messages)
+            self._next_backlog = time.monotonic() + BACKLOG_SECONDS
 
     def on_consume_ready(self, connection, channel, consumers, wakeup=True, **kwargs) -> None:
         _guard_envelopes(channel, self._pipeline.skip)
+        self._channel = channel
         self._on_ready()
         super().on_consume_ready(connection, channel, consumers, wakeup=wakeup, **kwargs)
 
@@ -117,12 +143,14 @@ class _GuardedReceiver(EventReceiver):
         raise exc
 
 
-def consume(app: Celery, pipeline: Pipeline, stop: threading.Event, on_ready: Callable[[], None]) -> None:
+def consume(app: Celery, pipeline: Pipeline, stop: threading.Event, on_ready: Callable[[], None],
+            event_queue: EventQueue, on_backlog: Callable[[int], None]) -> None:
     """Consume until ``stop`` is set; a broker failure raises out (the intake reconnects)."""
     with app.connection_for_read() as conn:
         conn.ensure_connection(max_retries=1)
         receiver = _GuardedReceiver(
             conn, handlers={"*": pipeline.handle}, app=app, pipeline=pipeline, stop=stop, on_ready=on_ready,
+            event_queue=event_queue, on_backlog=on_backlog,
         )
         for _ in receiver.consume(limit=None, timeout=None, safety_interval=1, wakeup=True):
             pass

@@ -23,6 +23,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     resource_usage_interval=float(os.environ.get("DEMO_RESOURCE_INTERVAL", "2")),
+    # The demo runs `celery beat` too; the sidecar reads this schedule from the app.
+    beat_schedule={"demo-tick": {"task": "demo.tick", "schedule": 10.0}},
 )
 # The one optional line a real app adds for CPU/memory metrics:
 app.steps["consumer"].add(ResourceUsage)
@@ -59,3 +61,16 @@ def slow(seconds: float = 1.0) -> float:
 def report(seconds: float = 2.0) -> str:
     time.sleep(seconds)
     return "report done"
+
+
+@app.task(name="demo.tick")
+def tick() -> str:
+    """The demo's periodic task (beat_schedule above)."""
+    return "tick"
+
+
+@app.task(name="demo.stuck")
+def stuck(seconds: float = 25.0) -> str:
+    """Runs past the demo's 10 s limit for it (thresholds.task_runtime_seconds): a stuck task."""
+    time.sleep(seconds)
+    return "unstuck"

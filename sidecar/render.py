@@ -1,8 +1,9 @@
 """`celery-sidecar render`: the stack's deployment configs from one set of settings.
 
 One render produces everything the compose stack (and the native test harness) runs
-from: the nginx config and its htpasswd, prometheus.yml and the alert rules, Grafana
-provisioning and dashboards and, when the Alertmanager profile is on, alertmanager.yml.
+from: the nginx config and its htpasswd, prometheus.yml and the alert rules (their
+``dashboard_url`` links pointed at ``--grafana-url``), Grafana provisioning and dashboards
+and, when the Alertmanager profile is on, alertmanager.yml.
 The templates, rules and dashboards are the package's own data (sidecar/resources.py),
 so an installed wheel renders the stack without a source checkout. Only the click options
 read the environment; the render itself takes a `StackSettings`.
@@ -23,6 +24,10 @@ import jinja2
 from celery_sidecar import resources
 
 RULES_FILE = "celery-sidecar.yml"
+# The shipped rules' dashboard_url annotations start with this; render puts the Grafana URL there.
+GRAFANA_URL_PLACEHOLDER = "__GRAFANA_URL__"
+# nginx serves Grafana under /grafana/ on the one published port (NGINX_PORT, 8080 by default).
+DEFAULT_GRAFANA_URL = "http://localhost:8080/grafana"
 
 # nginx checks the password on *every* request (each Flower asset), synchronously in a worker.
 # Cost 12 would add ~250 ms per asset; 8 keeps a page load snappy and still costs an
@@ -34,6 +39,8 @@ _LISTEN = re.compile(r"^(?:(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?\d{1
 _DURATION = re.compile(r"^\d+(?:ms|s|m|h)$")
 _USER = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
 _URL_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
+# Goes into YAML double quotes and a Go template: no quotes, backslashes, braces or whitespace.
+_GRAFANA_URL = re.compile(r"^https?://[^\s\"'\\{}<>`|^]+$")
 
 
 class SettingsError(ValueError):
@@ -63,6 +70,7 @@ class StackSettings:
     slack_webhook_url: str = field(default="", repr=False)
     slack_channel: str = ""
     alertmanager_secret_path: str = "/etc/alertmanager/rendered/slack_webhook_url"
+    grafana_url: str = DEFAULT_GRAFANA_URL  # where users reach Grafana: the alerts' dashboard links
 
     def __post_init__(self) -> None:
         _check_settings(self)
@@ -139,6 +147,13 @@ def _check_settings(s: StackSettings) -> None:
         ipaddress.ip_address(s.resolver)
     except ValueError:
         raise SettingsError(f"RESOLVER: {s.resolver!r} is not an IP address") from None
+    if "%(" in s.grafana_url:
+        raise SettingsError(
+            f"GRAFANA_ROOT_URL: {s.grafana_url!r} uses Grafana's %(...)s placeholders; alert links need "
+            "the URL users open, e.g. https://ops.example.com/grafana/"
+        )
+    if not _GRAFANA_URL.match(s.grafana_url):
+        raise SettingsError(f"GRAFANA_ROOT_URL: {s.grafana_url!r} is not an http(s) URL like https://ops.example.com/grafana/")
     if s.alertmanager and not s.slack_webhook_url:
         raise SettingsError(
             "ALERTMANAGER_SLACK_WEBHOOK_URL is not set: the alertmanager profile needs a Slack webhook"
@@ -187,6 +202,11 @@ def _render_tree(env: jinja2.Environment, name: str, out: Path, ctx: dict) -> li
     return written
 
 
+def render_rules(grafana_url: str) -> str:
+    """The shipped alert rules, their dashboard links pointing at ``grafana_url``."""
+    return resources.read_text(resources.RULES).replace(GRAFANA_URL_PLACEHOLDER, grafana_url.rstrip("/"))
+
+
 def render_stack(settings: StackSettings, out: Path) -> list[Path]:
     """Write the stack's configs under out/{nginx,prometheus,grafana,alertmanager}; return the files."""
     env = _environment()
@@ -196,7 +216,7 @@ def render_stack(settings: StackSettings, out: Path) -> list[Path]:
         _write(out / "nginx" / "nginx.conf", env.get_template(resources.NGINX_TEMPLATE).render(ctx)),
         _write(out / "nginx" / "htpasswd", htpasswd),
         _write(out / "prometheus" / "prometheus.yml", env.get_template(resources.PROMETHEUS_TEMPLATE).render(ctx)),
-        _write(out / "prometheus" / "rules" / RULES_FILE, resources.read_text(resources.RULES)),
+        _write(out / "prometheus" / "rules" / RULES_FILE, render_rules(settings.grafana_url)),
     ]
     written += _render_tree(env, resources.GRAFANA_PROVISIONING, out / "grafana" / "provisioning", ctx)
     written += _render_tree(env, resources.GRAFANA_DASHBOARDS, out / "grafana" / "dashboards", ctx)
@@ -247,11 +267,16 @@ def render_stack(settings: StackSettings, out: Path) -> list[Path]:
 @click.option("--slack-webhook-url", envvar="ALERTMANAGER_SLACK_WEBHOOK_URL", default="", show_envvar=True,
               help="Alertmanager's Slack webhook (written to a file, not into alertmanager.yml).")
 @click.option("--slack-channel", envvar="ALERTMANAGER_SLACK_CHANNEL", default="", show_envvar=True)
+@click.option("--grafana-url", envvar="GRAFANA_ROOT_URL", default=DEFAULT_GRAFANA_URL, show_default=True,
+              show_envvar=True,
+              help="Where users open Grafana (the compose stack's Grafana root URL): the base of the "
+                   "dashboard_url annotation of every Prometheus alert.")
 def render_command(out: Path, allow_cidrs: str, flower_user: str, flower_password: str,
                    set_real_ip_from: str, listen: str, sidecar_addr: str, flower_addr: str,
                    grafana_addr: str, prometheus_addr: str, alertmanager_addr: str, resolver: str,
                    enable_prometheus_ui: bool, scrape_interval: str, rules_path: str,
-                   enable_alertmanager: bool, slack_webhook_url: str, slack_channel: str) -> None:
+                   enable_alertmanager: bool, slack_webhook_url: str, slack_channel: str,
+                   grafana_url: str) -> None:
     """Render the monitoring stack's nginx, Prometheus, Grafana and Alertmanager configs."""
     try:
         settings = StackSettings(
@@ -272,6 +297,7 @@ def render_command(out: Path, allow_cidrs: str, flower_user: str, flower_passwor
             alertmanager=enable_alertmanager,
             slack_webhook_url=slack_webhook_url,
             slack_channel=slack_channel,
+            grafana_url=grafana_url.rstrip("/"),
         )
     except SettingsError as exc:
         raise click.UsageError(str(exc)) from None

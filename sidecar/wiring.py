@@ -27,7 +27,10 @@ from celery_sidecar.exporters.event_metrics import EventMetrics
 from celery_sidecar.exporters.exposition import Exposition
 from celery_sidecar.exporters.http import HttpServer
 from celery_sidecar.exporters.ovalmoney import OvalMoneyCollector
+from celery_sidecar.exporters.task_classes import TaskClassCollector
+from celery_sidecar.monitor.app_defaults import AppDefaults
 from celery_sidecar.monitor.config import Config, LiveConfig
+from celery_sidecar.monitor.event_queue import EventQueue
 from celery_sidecar.monitor.events_check import TaskEventsCheck
 from celery_sidecar.monitor.intake import Intake
 from celery_sidecar.monitor.pipeline import Pipeline
@@ -54,6 +57,7 @@ class RunSettings:
     port: int = 9808
     config_path: Path | None = None
     transport_options: dict[str, Any] = field(default_factory=dict)
+    app: AppDefaults = field(default_factory=AppDefaults)
     fast_path: bool = True
     enable_events: bool = False
     probe_interval: float = 5.0
@@ -64,6 +68,7 @@ class RunSettings:
     namespace: str = "celery"
     alerts: bool = True
     slack: SlackSettings = field(default_factory=SlackSettings)
+    event_queue: EventQueue = field(default_factory=EventQueue)
     state_dir: Path = Path(".")
     instance_id: str = "sidecar"
 
@@ -73,13 +78,13 @@ class Sidecar:
         self.settings = settings
         self.config = LiveConfig(config)
         self.status = Status(config_path=str(settings.config_path) if settings.config_path else None)
-        self.state = State(self.config)
+        self.state = State(self.config, app=settings.app)
         self.pipeline = Pipeline(self.state, self.status)
         self.view = StateView(self.pipeline)
         self.event_metrics = EventMetrics(self.config)
         self.pipeline.add_sink(self.event_metrics)
         self.intake = Intake(settings.broker_url, settings.transport_options, self.pipeline,
-                             fast_path=settings.fast_path)
+                             fast_path=settings.fast_path, event_queue=settings.event_queue)
         self.pipeline.add_sink(TaskEventsCheck(self.state, settings.enable_events, self.intake.app))
         self.poller = Poller(
             queue_probe=make_queue_probe(settings.broker_url, settings.transport_options, settings.probe_timeout),
@@ -97,6 +102,7 @@ class Sidecar:
             self.alerts, dispatcher = self._build_alerts()
             checks.append(dispatcher.check)
         self.registry.register(StateCollector(self.view, self.config))
+        self.registry.register(TaskClassCollector(self.event_metrics, self.config))
         if "ovalmoney" in settings.compat:
             self.registry.register(OvalMoneyCollector(self.event_metrics, self.view, settings.namespace))
         ProcessCollector(registry=self.registry)
@@ -110,8 +116,10 @@ class Sidecar:
         self._threads: list[threading.Thread] = []
 
     def _build_alerts(self):
+        from celery_sidecar.alerts.beat import BeatAlerts
         from celery_sidecar.alerts.delivery import build_dispatcher
         from celery_sidecar.alerts.engine import AlertEngine
+        from celery_sidecar.alerts.in_flight import InFlightAlerts
         from celery_sidecar.alerts.outbox import open_outbox
 
         settings = self.settings
@@ -121,6 +129,8 @@ class Sidecar:
         )
         engine = AlertEngine(self.config, self.view, dispatcher)
         self.pipeline.add_sink(engine)
+        self.pipeline.add_sink(InFlightAlerts(self.config, self.view, dispatcher))
+        self.pipeline.add_sink(BeatAlerts(self.config, self.view, dispatcher))
         return engine, dispatcher
 
     # -- lifecycle ------------------------------------------------------------------

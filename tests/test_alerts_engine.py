@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from celery_sidecar.alerts.blocks import MessageRenderer
 from celery_sidecar.alerts.delivery import build_dispatcher
 from celery_sidecar.alerts.engine import AlertEngine
+from celery_sidecar.alerts.model import Alert
 from celery_sidecar.alerts.outbox import open_outbox
 from celery_sidecar.alerts.slack import SlackSettings
-from tests.support.inproc import DataPath
+from tests.support.inproc import DataPath, Recorder
 
 T0 = 1_700_000_000.0
 
@@ -45,3 +48,57 @@ def test_retry_rate_is_judged_only_after_the_configured_number_of_outcomes(tmp_p
     assert lowered.breaches[key].value == 0.4
     # 10 outcomes with the default: 6 runs, 4 retried.
     assert key in engine_after(tmp_path / "c", {}, runs=6, retried=4).breaches
+
+
+def alerts_for(config: dict) -> list[Alert]:
+    """A failure of app.flaky (with a traceback) and its retry storm breaching retry_rate, worker offline."""
+    now = T0 + 100
+    path = DataPath.build(config, now=now)
+    recorder = Recorder()
+    engine = AlertEngine(path.config, path.view, recorder)
+    path.pipeline.add_sink(engine)
+    path.at(T0).pipeline.set_connected(True)
+    path.handle(
+        {"type": "worker-heartbeat", "hostname": "w@x", "timestamp": T0, "local_received": T0, "freq": 2.0},
+        {"type": "task-sent", "uuid": "f-1", "name": "app.flaky", "queue": "celery", "hostname": "p@x",
+         "timestamp": T0, "local_received": T0},
+        {"type": "task-failed", "uuid": "f-1", "hostname": "w@x", "timestamp": T0 + 1, "local_received": T0 + 1,
+         "exception": "ValueError('boom')", "traceback": "Traceback (most recent call last):\nValueError: boom"},
+    )
+    for i in range(10):
+        t = T0 + 2 + i
+        path.handle(
+            {"type": "task-sent", "uuid": f"r-{i}", "name": "app.flaky", "queue": "celery", "hostname": "p@x",
+             "timestamp": t, "local_received": t},
+            {"type": "task-retried", "uuid": f"r-{i}", "hostname": "w@x", "timestamp": t + 0.1,
+             "exception": "RetryError('again')", "local_received": t + 0.1},
+            {"type": "task-succeeded", "uuid": f"r-{i}", "hostname": "w@x", "timestamp": t + 0.2, "runtime": 0.1,
+             "local_received": t + 0.2},
+        )
+    path.pipeline.tick(T0 + 20)
+    path.at(T0 + 100).pipeline.tick(T0 + 100)  # the worker went silent long ago
+    return recorder.alerts
+
+
+def test_alerts_link_to_the_grafana_dashboard_that_shows_them_when_grafana_url_is_set():
+    rules = {"retry_rate": {"for_seconds": 0}}
+    linked = alerts_for({"alerts": {"grafana_url": "https://ops.example.com/grafana/", "rules": rules}})
+    by_kind = {a.kind: a for a in linked}
+    assert {"task_failed", "threshold", "worker_offline"} <= set(by_kind), [a.title for a in linked]
+    task = "https://ops.example.com/grafana/d/celery-sidecar-task?var-task=app.flaky"
+    assert by_kind["task_failed"].dashboard == f"{task}&var-queue=celery"
+    assert by_kind["threshold"].title == "Retry rate above threshold: app.flaky"
+    assert by_kind["threshold"].dashboard == task
+    assert by_kind["worker_offline"].dashboard == "https://ops.example.com/grafana/d/celery-sidecar?var-hostname=w%40x"
+
+    renderer = MessageRenderer()
+    for alert in (by_kind["task_failed"], by_kind["threshold"]):
+        message = renderer.message(alert)
+        assert alert.dashboard in json.dumps(message.blocks) and alert.dashboard in message.plain
+        assert "Open in Grafana" in json.dumps(message.blocks)
+
+    unlinked = alerts_for({"alerts": {"rules": rules}})
+    assert {a.kind for a in unlinked} == {a.kind for a in linked}
+    assert all(a.dashboard is None for a in unlinked)
+    for alert in unlinked:
+        assert "Grafana" not in json.dumps(MessageRenderer().message(alert).blocks)

@@ -37,8 +37,8 @@ def unique(prefix: str, names: list[str]) -> str:
     return name
 
 
-def start_connected(sidecar, url: str, config: Path | None = None) -> SidecarProcess:
-    proc = sidecar(url, config=config)
+def start_connected(sidecar, url: str, *args: str, config: Path | None = None) -> SidecarProcess:
+    proc = sidecar(url, *args, config=config)
     wait_for(lambda: proc.health()[0] == 200, timeout=20, what="the sidecar to connect to RabbitMQ")
     return proc
 
@@ -57,10 +57,12 @@ def wait_probe_rounds(proc: SidecarProcess, rounds: int) -> None:
     wait_for(another_round, timeout=15, what=f"{rounds} more queue probe rounds")
 
 
-def test_tasks_on_rabbitmq_are_counted_per_queue_and_the_worker_is_a_consumer(amqp_url, queues, sidecar, worker):
+@pytest.mark.parametrize(("flag", "intake"), [("--fast-path", "amqp-fast"), ("--no-fast-path", "stock")])
+def test_tasks_on_rabbitmq_are_counted_per_queue_and_the_worker_is_a_consumer(
+        amqp_url, queues, sidecar, worker, flag, intake):
     queue = unique("t", queues)
-    proc = start_connected(sidecar, amqp_url)
-    assert proc.health()[1]["broker"]["intake"] == "stock"
+    proc = start_connected(sidecar, amqp_url, flag)
+    assert proc.health()[1]["broker"]["intake"] == intake
     name = f"amqp-{uuid.uuid4().hex[:6]}"
     worker(amqp_url, name=name, queues=queue)
 

@@ -86,6 +86,18 @@ def test_nothing_below_the_shell_imports_the_shell():
     assert wrong == []
 
 
+def test_the_dashboard_generator_is_build_time_code_nothing_imports():
+    """grafana/dashboards.py builds the shipped JSON with grafana-foundation-sdk, a build extra:
+    it may read the signal table, and nothing in the package may import it or the SDK."""
+    generator = "celery_sidecar.grafana.dashboards"
+    assert generator in modules()
+    importers = [(m, t) for m, t in arrows() if t.startswith("celery_sidecar.grafana") and layer_of(m) != "data"]
+    assert importers == []
+    assert {layer_of(t) for m, t in arrows() if m == generator} <= {"monitor"}
+    sdk_users = [m for m, path in modules().items() if m != generator and "grafana_foundation_sdk" in path.read_text()]
+    assert sdk_users == [], "grafana-foundation-sdk is not a runtime dependency"
+
+
 def test_exporters_and_alerts_read_state_only_through_the_view():
     """No raw State fields or pipeline.lock outside monitor/: the read API is the snapshot."""
     offenders = []

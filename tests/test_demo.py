@@ -17,7 +17,7 @@ from tests.support.paths import ARTIFACTS, SIDECAR, SUITE, child_env
 from tests.support.procs import Metrics
 from tests.support.servers import free_port, wait_for
 
-DURATION = 20
+DURATION = 25
 
 
 def _redis_workdir(proc: psutil.Process) -> str | None:
@@ -52,6 +52,12 @@ def test_demo_shows_metrics_stops_by_itself_and_leaves_nothing_behind():
         except psutil.NoSuchProcess:
             pass
 
+    def alive(proc: psutil.Process) -> bool:
+        try:
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
     def metrics() -> Metrics:
         record_children()
         return Metrics(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=3).text)
@@ -70,19 +76,40 @@ def test_demo_shows_metrics_stops_by_itself_and_leaves_nothing_behind():
         except TimeoutError:
             raise AssertionError(f"no demo metrics on :{port}\n{out_path.read_text()}") from None
         demo_names = {dict(labels)["name"] for labels in m.all("celery_task_succeeded_total")}
-        assert demo_names <= {"demo.ok", "demo.flaky", "demo.slow", "demo.report"}, demo_names
+        assert demo_names <= {"demo.ok", "demo.flaky", "demo.slow", "demo.report", "demo.tick"}, demo_names
+        assert m.all("celery_queue_oldest_task_age_seconds", queue_name="celery")
+        # The demo sends a task that runs past its 10 s limit, on purpose: it shows as stuck.
+        try:
+            wait_for(lambda: metrics().get("celery_task_stuck", name="demo.stuck") == 1, timeout=DURATION,
+                     interval=0.5, what="the demo's stuck task")
+        except TimeoutError:
+            raise AssertionError(f"no stuck demo.stuck\n{out_path.read_text()}") from None
+        # Beat runs the app's demo-tick every 10 s; demo-audit is only in the demo's sidecar config,
+        # so it is missed (15 s + 3 s grace).
+        def beat_seen() -> Metrics | None:
+            m = metrics()
+            ran = m.get("celery_beat_entry_last_run_timestamp_seconds", entry="demo-tick")
+            return m if ran and m.get("celery_beat_entry_missed_total", entry="demo-audit") else None
+
+        try:
+            m = wait_for(beat_seen, timeout=DURATION, interval=0.5, what="demo-tick run and demo-audit missed")
+        except TimeoutError:
+            raise AssertionError(f"no Beat metrics\n{out_path.read_text()}") from None
+        assert m.get("celery_beat_down") == 0
+        assert m.get("celery_beat_entry_missed_total", entry="demo-tick") == 0
         assert {dict(labels)["exception"] for labels in m.all("celery_task_failed_total")} <= {"DemoError"}
         hosts = {dict(labels)["hostname"] for labels in m.all("celery_worker_up")}
         assert len(hosts) == 1 and hosts.pop().startswith("demo-worker@")
 
-        # Children while it runs: redis-server, the worker and its pool processes.
+        # Children while it runs: redis-server, Beat, the worker and its pool processes.
         record_children()
         assert len(workdirs) == 1, f"expected one private redis-server among {children}"
         workdir = workdirs.pop()
         assert Path(workdir).is_dir()
         assert Path(workdir).name.startswith("celery-sidecar-redis-")
         assert Path(workdir).parent == Path(tempfile.gettempdir())
-        assert len(children) >= 3, children
+        assert len(children) >= 4, children
+        assert any("beat" in p.cmdline() for p in children.values() if alive(p)), children
 
         returncode = demo.wait(DURATION + 60)
     finally:
@@ -97,12 +124,6 @@ def test_demo_shows_metrics_stops_by_itself_and_leaves_nothing_behind():
     assert f"http://127.0.0.1:{port}/metrics" in output
     assert "exited unexpectedly" not in output, output
     # (Tracebacks of demo.fail do appear: the console alert notifier prints them, on purpose.)
-
-    def alive(proc: psutil.Process) -> bool:
-        try:
-            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
 
     def all_gone() -> bool:
         return not any(alive(p) for p in children.values())

@@ -136,24 +136,28 @@ def test_on_redis_every_valid_event_is_counted_once_on_both_paths(redis_paths, i
 
 
 @pytest.fixture(scope="module")
-def amqp_path(amqp_url: str) -> Iterator[Consumer]:
-    consumer = Consumer(amqp_url, fast_path=False)
-    consumer.thread.start()
-    wait_for(lambda: consumer.status.connected, timeout=20, what="the AMQP path")
-    # The event queue is bound once the consumer is ready; a heartbeat proves it.
-    publish_and_settle([], [consumer], lambda batch: publish_raw(amqp_url, [amqp_message(i) for i in batch]))
-    yield consumer
-    consumer.close()
+def amqp_paths(amqp_url: str) -> Iterator[list[Consumer]]:
+    consumers = [Consumer(amqp_url, fast_path=True), Consumer(amqp_url, fast_path=False)]
+    for consumer in consumers:
+        consumer.thread.start()
+    wait_for(lambda: all(c.status.connected for c in consumers), timeout=20, what="both AMQP paths")
+    # The event queues are bound once the consumers are ready; a heartbeat proves it.
+    publish_and_settle([], consumers, lambda batch: publish_raw(amqp_url, [amqp_message(i) for i in batch]))
+    yield consumers
+    for consumer in consumers:
+        consumer.close()
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(items=interleavings(envelopes=False))
-def test_on_rabbitmq_every_valid_event_is_counted_once(amqp_url, amqp_path, items):
-    before, reconnects = amqp_path.events(), amqp_path.status.reconnects
-    publish_and_settle(items, [amqp_path],
+def test_on_rabbitmq_every_valid_event_is_counted_once_on_both_paths(amqp_url, amqp_paths, items):
+    before = [c.events() for c in amqp_paths]
+    reconnects = [c.status.reconnects for c in amqp_paths]
+    publish_and_settle(items, amqp_paths,
                        lambda batch: publish_raw(amqp_url, [amqp_message(i) for i in batch]))
-    assert amqp_path.events() - before == sum(1 for i in items if i.kind == "valid") + 1
-    assert amqp_path.status.reconnects == reconnects
+    valid = sum(1 for i in items if i.kind == "valid")
+    assert [c.events() - b for c, b in zip(amqp_paths, before, strict=True)] == [valid + 1, valid + 1]
+    assert [c.status.reconnects for c in amqp_paths] == reconnects
 
 
 # -- the whole sidecar, real workers, Slack watching ----------------------------------------------
@@ -195,10 +199,11 @@ class Broker:
     fast_path: bool
 
 
-@pytest.fixture(params=["redis-fast", "redis-stock", "rabbitmq"])
+@pytest.fixture(params=["redis-fast", "redis-stock", "rabbitmq-fast", "rabbitmq-stock"])
 def broker(request, redis_srv: RedisServer, amqp_url: str) -> Broker:
-    if request.param == "rabbitmq":
-        return Broker(amqp_url, lambda batch: publish_raw(amqp_url, [amqp_message(i) for i in batch]), False)
+    if request.param.startswith("rabbitmq"):
+        return Broker(amqp_url, lambda batch: publish_raw(amqp_url, [amqp_message(i) for i in batch]),
+                      request.param == "rabbitmq-fast")
 
     return Broker(redis_srv.url, lambda batch: publish_redis(redis_srv, batch), request.param == "redis-fast")
 

@@ -20,7 +20,7 @@ from celery_sidecar.alerts.engine import AlertEngine
 from celery_sidecar.exporters.collectors import StateCollector
 from celery_sidecar.exporters.exposition import Exposition
 from celery_sidecar.monitor import schema
-from celery_sidecar.monitor.redis_stream import EventDecoder
+from celery_sidecar.monitor.decoder import EventDecoder
 from tests.hostile import BAD_ENVELOPES, BAD_EVENTS, NOW, events, valid_event
 from tests.support.inproc import DataPath
 

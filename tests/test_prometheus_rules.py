@@ -7,6 +7,7 @@ so a broken rule cannot slip through on a machine without it.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,9 @@ import jinja2
 import pytest
 import yaml
 
+from celery_sidecar.monitor.dashboard_links import OVERVIEW_UID, TASK_UID, VARIABLE_OF_SUBJECT
+from celery_sidecar.monitor.signals import SIGNALS
+from celery_sidecar.render import GRAFANA_URL_PLACEHOLDER
 from tests.support.paths import package_file
 
 # The installed package's copies: what render writes and Prometheus loads.
@@ -90,6 +94,30 @@ def test_every_alert_has_a_severity_and_a_summary() -> None:
             problems.append(f"{rule['alert']}: annotations.summary is missing")
         if not rule.get("annotations", {}).get("description"):
             problems.append(f"{rule['alert']}: annotations.description is missing")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_alert_links_to_the_dashboard_that_shows_it() -> None:
+    """dashboard_url, as the mixins do: per-task alerts open the per-task dashboard on their task,
+    the others the overview (on their queue or worker). render replaces the placeholder."""
+    per_task_signals = {s.prometheus_alert for s in SIGNALS if s.subject == "task"}
+    problems = []
+    for rule in alert_rules():
+        name, url = rule["alert"], rule.get("annotations", {}).get("dashboard_url", "")
+        per_task = "$labels.name" in rule["annotations"]["summary"]
+        expected = f"{GRAFANA_URL_PLACEHOLDER}/d/{TASK_UID if per_task else OVERVIEW_UID}"
+        if name in per_task_signals and not per_task:
+            problems.append(f"{name}: judges a per-task signal but its summary names no task")
+        if url.split("?")[0] != expected:
+            problems.append(f"{name}: dashboard_url {url!r} should start with {expected}")
+        # Each variable set is a label of the alert, URL-escaped, and a variable the dashboard has.
+        for variable, label in re.findall(r"var-(\w+)=\{\{ \$labels\.(\w+) \| urlquery \}\}", url):
+            if variable not in {v for v in VARIABLE_OF_SUBJECT.values() if v}:
+                problems.append(f"{name}: no dashboard variable {variable}")
+            if {"task": "name", "queue": "queue_name", "hostname": "hostname"}[variable] != label:
+                problems.append(f"{name}: var-{variable} is set from {label}")
+        if per_task and "var-task={{ $labels.name | urlquery }}" not in url:
+            problems.append(f"{name}: the per-task dashboard needs var-task={{{{ $labels.name | urlquery }}}}")
     assert not problems, "\n".join(problems)
 
 

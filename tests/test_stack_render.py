@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from celery_sidecar.render import render_command
 from tests.support.paths import SOURCE, package_file
-from tests.support.stack import COMPOSE_FILE, DASHBOARD, dashboard_expressions
+from tests.support.stack import COMPOSE_FILE, DASHBOARD, DASHBOARDS, dashboard_expressions
 
 GOOD_ENV = {
     "ALLOW_CIDRS": "10.0.0.0/8, 192.168.1.0/24,2001:db8::/32",
@@ -48,7 +48,8 @@ def require(tool: str) -> str:
 
 def render(out: Path, env: dict[str, str], *args: str):
     # Only the given variables: the developer's own environment must not leak in.
-    clean = {k: None for k in os.environ if k in GOOD_ENV or k.startswith(("ENABLE_", "LISTEN"))}
+    clean = {k: None for k in os.environ
+             if k in GOOD_ENV or k.startswith(("ENABLE_", "LISTEN")) or k == "GRAFANA_ROOT_URL"}
     return CliRunner().invoke(render_command, ["--out", str(out), *args], env={**clean, **env})
 
 
@@ -89,11 +90,29 @@ def test_rendered_prometheus_config_passes_promtool(rendered: Path):
     config = rendered / "prometheus" / "prometheus.yml"
     rules = rendered / "prometheus" / "rules" / "celery-sidecar.yml"
     assert yaml.safe_load(config.read_text())["rule_files"] == [str(rules.parent / "*.yml")]
-    assert rules.read_text() == package_file("alerts/prometheus/rules.yml").read_text(), "the shipped rules"
+    shipped = package_file("alerts/prometheus/rules.yml").read_text()
+    assert rules.read_text() == shipped.replace("__GRAFANA_URL__", "http://localhost:8080/grafana"), \
+        "the shipped rules, their dashboard links on the compose stack's Grafana by default"
     result = subprocess.run([require("promtool"), "check", "config", str(config)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout and "rules found" in result.stdout, result.stdout
+
+
+def test_render_points_every_alerts_dashboard_link_at_the_grafana_url(tmp_path: Path):
+    result = render(tmp_path / "out", {**GOOD_ENV, "GRAFANA_ROOT_URL": "https://ops.example.com/grafana/"})
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out/prometheus/rules/celery-sidecar.yml").read_text()
+    assert "__GRAFANA_URL__" not in text
+    groups = yaml.safe_load(text)["groups"]
+    urls = [r["annotations"]["dashboard_url"] for g in groups for r in g["rules"] if "alert" in r]
+    assert urls and all(u.startswith("https://ops.example.com/grafana/d/celery-sidecar") for u in urls), urls
+
+    for bad in ("ftp://ops.example.com/grafana", "https://ops.example.com/gra fana",
+                "%(protocol)s://%(domain)s:%(http_port)s/grafana/", 'https://x/"}}'):
+        refused = render(tmp_path / "bad", {**GOOD_ENV, "GRAFANA_ROOT_URL": bad})
+        assert refused.exit_code != 0 and "GRAFANA_ROOT_URL" in refused.output, bad
+        assert not (tmp_path / "bad").exists()
 
 
 def test_grafana_provisioning_has_fixed_datasource_and_dashboard_provider(rendered: Path):
@@ -212,7 +231,8 @@ def test_compose_paths_agree_with_what_render_writes(rendered: Path):
     provider = yaml.safe_load((rendered / "grafana/provisioning/dashboards/celery-sidecar.yml").read_text())
     dashboards = mount("grafana", "grafana-dashboards")
     assert provider["providers"][0]["options"]["path"] == dashboards
-    assert (rendered / "grafana" / "dashboards" / DASHBOARD.name).read_text() == DASHBOARD.read_text()
+    for dashboard in DASHBOARDS:
+        assert (rendered / "grafana" / "dashboards" / dashboard.name).read_text() == dashboard.read_text()
     home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{dashboards}/{DASHBOARD.name}"
     am = services["alertmanager"]["command"]
@@ -238,23 +258,38 @@ def test_sidecar_image_runs_as_non_root_with_a_healthcheck():
 
 # --- dashboard --------------------------------------------------------------------------
 
-def test_dashboard_is_provisionable():
-    text = DASHBOARD.read_text()
+DASHBOARD_IDS = [p.name for p in DASHBOARDS]
+UIDS = {"celery-sidecar.json": "celery-sidecar", "celery-sidecar-task.json": "celery-sidecar-task"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=DASHBOARD_IDS)
+def test_dashboard_is_provisionable(path: Path):
+    text = path.read_text()
     dashboard = json.loads(text)
     assert "__inputs" not in dashboard and "${DS_" not in text
-    assert dashboard["uid"] == "celery-sidecar"
+    assert dashboard["uid"] == UIDS[path.name], "a fixed uid: links and provisioning rely on it"
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == "celery-sidecar-prometheus"
     for var in variables.values():
         if var["type"] == "query":
-            assert var["includeAll"] and var["allValue"], f"${var['name']} needs All handling"
+            assert var["datasource"]["uid"] == "${datasource}", var["name"]
+            if var["includeAll"]:
+                assert var["allValue"], f"${var['name']} needs All handling"
 
 
-def test_every_dashboard_panel_queries_prometheus_through_the_variable():
-    dashboard = json.loads(DASHBOARD.read_text())
+def test_every_dashboard_has_its_fixed_uid():
+    assert sorted(UIDS) == sorted(DASHBOARD_IDS)
+    assert DASHBOARD.name == "celery-sidecar.json"  # compose's home dashboard
+
+
+@pytest.mark.parametrize(("path", "at_least"),
+                         [pytest.param(p, 25 if p == DASHBOARD else 15, id=p.name) for p in DASHBOARDS])
+def test_every_dashboard_panel_queries_prometheus_through_the_variable(path: Path, at_least: int):
+    dashboard = json.loads(path.read_text())
     panels = [p for row in dashboard["panels"] for p in [row, *row.get("panels", [])] if p["type"] != "row"]
-    assert len(panels) >= 25
+    assert len(panels) >= at_least
     for panel in panels:
         assert panel.get("targets"), f"panel {panel['title']!r} has no targets"
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
@@ -263,12 +298,15 @@ def test_every_dashboard_panel_queries_prometheus_through_the_variable():
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
 
 
-def test_dashboard_uses_only_contract_metric_names():
+@pytest.mark.parametrize("path", DASHBOARDS, ids=DASHBOARD_IDS)
+def test_dashboard_uses_only_contract_metric_names(path: Path):
     contract = (SOURCE / "docs" / "architecture.md").read_text()
     families = {"celery_task_" + s + "_total" for s in
                 ("sent", "received", "started", "succeeded", "failed", "rejected", "revoked", "retried")}
     names: set[str] = set()
-    for _, expr in dashboard_expressions(json.loads(DASHBOARD.read_text())):
+    dashboard = json.loads(path.read_text())
+    for expr in [e for _, e in dashboard_expressions(dashboard)] + [
+            v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]:
         names.update(n for n in _metric_names(expr))
     for name in names:
         base = name.removesuffix("_bucket")

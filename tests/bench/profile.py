@@ -15,10 +15,11 @@ _LINE_NUMBER = re.compile(r":\d+\)$")
 class Profiler:
     """``py-spy record`` of one process into ``path`` (raw collapsed stacks)."""
 
-    def __init__(self, pid: int, path: str, rate: int = 250) -> None:
+    def __init__(self, pid: int, path: str, rate: int = 250, thread_filter: str = "_read_loop") -> None:
         if shutil.which("py-spy") is None:
             raise RuntimeError("--profile needs py-spy: pip install py-spy")
         self.path = path
+        self.thread_filter = thread_filter  # a frame every stack of the event path has
         self._process = subprocess.Popen(
             ["py-spy", "record", "-r", str(rate), "-f", "raw", "-o", path, "--pid", str(pid),
              "--nonblocking"],
@@ -28,7 +29,7 @@ class Profiler:
     def stop_and_summarise(self, top: int = 25) -> str:
         self._process.send_signal(signal.SIGINT)
         self._process.wait(30)
-        return summarise(self.path, top)
+        return summarise(self.path, top, self.thread_filter)
 
 
 def summarise(path: str, top: int = 25, thread_filter: str = "_read_loop") -> str:

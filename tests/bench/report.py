@@ -22,14 +22,20 @@ class Row:
         return {True: "ok", False: "MISSED", None: ""}[self.met]
 
 
-def machine() -> str:
-    try:
-        version = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True,
-                                 timeout=10).stdout.split()[2].removeprefix("v=")
-    except (OSError, IndexError, subprocess.SubprocessError):
-        version = "?"
+def machine(broker: str = "redis") -> str:
+    if broker == "amqp":
+        from tests.bench.rabbit import rabbitmq_version
+
+        server = f"RabbitMQ {rabbitmq_version()}"
+    else:
+        try:
+            version = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True,
+                                     timeout=10).stdout.split()[2].removeprefix("v=")
+        except (OSError, IndexError, subprocess.SubprocessError):
+            version = "?"
+        server = f"redis-server {version}"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, redis-server {version}, "
+    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, {server}, "
             f"load average at start {load}")
 
 

@@ -10,14 +10,29 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery_sidecar.alerts.model import Alert
 from celery_sidecar.exporters.collectors import StateCollector
 from celery_sidecar.exporters.event_metrics import EventMetrics
+from celery_sidecar.monitor.app_defaults import AppDefaults
 from celery_sidecar.monitor.config import Config, LiveConfig, parse_config
 from celery_sidecar.monitor.intake import Intake
 from celery_sidecar.monitor.pipeline import Pipeline, Sink
 from celery_sidecar.monitor.state import State
 from celery_sidecar.monitor.status import Status
 from celery_sidecar.monitor.view import StateView
+
+
+class Recorder:
+    """A dispatcher that keeps what the alert sinks submit."""
+
+    def __init__(self) -> None:
+        self.alerts: list[Alert] = []
+
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    def submit(self, alert: Alert) -> None:
+        self.alerts.append(alert)
 
 
 @dataclass
@@ -31,12 +46,12 @@ class DataPath:
 
     @classmethod
     def build(cls, config: Config | dict[str, Any] | None = None, now: float | None = 0.0,
-              sinks: Iterable[Sink] = ()) -> DataPath:
+              sinks: Iterable[Sink] = (), app: AppDefaults | None = None) -> DataPath:
         cfg = config if isinstance(config, Config) else parse_config(config or {})
         live = LiveConfig(cfg)
         clock_value = [now or 0.0]
         clock: Callable[[], float] = time.time if now is None else lambda: clock_value[0]
-        state = State(live, clock=clock)
+        state = State(live, clock=clock, app=app)
         pipeline = Pipeline(state, Status(), clock=clock)
         metrics = EventMetrics(live)
         pipeline.add_sink(metrics)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import httpx
@@ -97,14 +97,18 @@ class Metrics:
 
 
 class SidecarProcess(Process):
-    def __init__(self, broker_url: str, *args: str, config: Path | None = None,
-                 env: dict[str, str] | None = None, wait_connected: bool = True) -> None:
-        """Start the sidecar; by default wait until it is subscribed, so no event is missed."""
+    def __init__(self, broker_url: str | None, *args: str, config: Path | None = None,
+                 env: dict[str, str] | None = None, wait_connected: bool = True,
+                 command: Sequence[str] = (*SIDECAR, "run")) -> None:
+        """Start the sidecar (``python -m celery_sidecar run`` unless ``command`` says otherwise,
+        e.g. ``-m celery -A app sidecar``); by default wait until it is subscribed, so no event
+        is missed. Without ``broker_url`` the broker comes from the app."""
         self.port = free_port()
         self.state_dir = tempfile.mkdtemp(prefix="sidecar-state-")
         self._wait_connected = wait_connected
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, *SIDECAR, "run", "--broker-url", broker_url, "--port", str(self.port),
+        broker = ["--broker-url", broker_url] if broker_url else []
+        cmd = [sys.executable, *command, *broker, "--port", str(self.port),
                "--probe-interval", "0.5", "--inspect-interval", "2", "--probe-timeout", "2",
                "--state-dir", self.state_dir, *args]
         if config is not None:
