@@ -193,6 +193,8 @@ class Sidecar:
                 "reconnects": intake.reconnects,
                 "last_error": intake.last_error,
             },
+            "events": {"consumed": sum(intake.events_by_type.values()),
+                       "skipped": sum(intake.skipped_by_reason.values())},
             "last_event_age_seconds": (
                 None if intake.last_event_at is None else round(snap.at - intake.last_event_at, 3)
             ),

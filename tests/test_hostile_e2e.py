@@ -232,7 +232,10 @@ def test_malformed_messages_between_real_tasks_count_nothing_break_nothing_and_p
     assert scraper.failures == [] and scraper.ok >= 10, (scraper.ok, scraper.failures[:3])
     assert metrics.get("celery_sidecar_render_errors_total") == 0
     assert metrics.get("celery_sidecar_reconnects_total") == 0
-    assert not [h for h in side.health()[1]["workers"] if "phantom" in h], "a malformed heartbeat made a worker"
+    health = side.health()[1]
+    assert not [h for h in health["workers"] if "phantom" in h], "a malformed heartbeat made a worker"
+    assert health["events"] == {"consumed": metrics.sum("celery_sidecar_events_total"),
+                                "skipped": metrics.sum("celery_sidecar_events_skipped_total")}
     # Slack got nothing: the real worker keeps beating, every real task succeeded.
     assert slack.requests == [], [r.body.get("text", "")[:80] for r in slack.requests]
 

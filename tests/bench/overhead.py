@@ -1,9 +1,10 @@
-"""Where the stock path's extra cost goes: ``python -m tests.bench.overhead``.
+"""Where a consumer's cost per event goes: ``python -m tests.bench.overhead [--path fast]``.
 
 The RabbitMQ issue measured the sidecar on celery's EventReceiver at about 50 µs per event
 more than a bare EventReceiver, only ~20 µs of it in the sidecar's own frames. This runs the
 same stock consumer (monitor/stock_stream.py) in one process over one pre-published flood of
-single-event messages, changing one thing at a time:
+single-event messages, changing one thing at a time (``--path fast``: the same over the AMQP
+fast path instead of EventReceiver):
 
   count     EventReceiver + a counting handler (the bare receiver)
   fold      + the sidecar's pipeline: the fold and the event metrics
@@ -30,6 +31,7 @@ from typing import Any
 
 from celery import Celery
 
+from celery_sidecar.monitor.amqp_stream import stream_events
 from celery_sidecar.monitor.config import Config, LiveConfig
 from celery_sidecar.monitor.event_queue import EventQueue
 from celery_sidecar.monitor.pipeline import Pipeline
@@ -123,21 +125,24 @@ def _fill(url: str, queue: EventQueue, publishes: list, events: int) -> None:
         depth.close()
 
 
-def _run(url: str, variant: str, publishes: list, events: int) -> Result:
+def _run(url: str, variant: str, publishes: list, events: int, fast: bool) -> Result:
     queue = EventQueue()
     _fill(url, queue, publishes, events)
     gc_on = not variant.endswith("-nogc")
     if variant.startswith("sidecar"):
-        return _run_sidecar(url, variant, queue, events, gc_on)
+        return _run_sidecar(url, variant, queue, events, gc_on, fast)
     stop = threading.Event()
-    app = Celery(broker=url)
     sink: Any = _Counting() if variant == "count" else _pipeline()
     count: Callable[[], int] = ((lambda: sink.events) if variant == "count"
                                 else (lambda: sum(sink.state.counters.events_by_type.values())))
+    if fast:
+        args: tuple = (url, {}, queue, sink.handle, sink.skip, stop)
+        target: Callable = stream_events
+    else:
+        args, target = (Celery(broker=url), sink, stop, lambda: None, queue, lambda _n: None), consume
     with _gc(gc_on) as timer:
         started, cpu0 = time.perf_counter(), time.process_time()
-        thread = threading.Thread(target=consume, args=(app, sink, stop, lambda: None, queue, lambda _n: None),
-                                  daemon=True)
+        thread = threading.Thread(target=target, args=args, daemon=True)
         thread.start()
         wait_for(lambda: count() >= events, timeout=600, interval=0.01, what=f"{variant} to drain")
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
@@ -155,11 +160,11 @@ def _pipeline() -> Pipeline:
     return pipeline
 
 
-def _run_sidecar(url: str, variant: str, queue: EventQueue, events: int, gc_on: bool) -> Result:
+def _run_sidecar(url: str, variant: str, queue: EventQueue, events: int, gc_on: bool, fast: bool) -> Result:
     from celery_sidecar.wiring import RunSettings, Sidecar
 
     with tempfile.TemporaryDirectory() as state_dir:
-        sidecar = Sidecar(RunSettings(broker_url=url, port=0, fast_path=False, event_queue=queue,
+        sidecar = Sidecar(RunSettings(broker_url=url, port=0, fast_path=fast, event_queue=queue,
                                       state_dir=Path(state_dir)), Config())
         with _gc(gc_on) as timer:
             started, cpu0 = time.perf_counter(), time.process_time()
@@ -176,6 +181,8 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=60_000, help="single-event messages per flood")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--path", choices=("stock", "fast"), default="stock",
+                        help="the consumer under each variant: EventReceiver, or the AMQP fast path")
     args = parser.parse_args()
     messages, _ = build(max(1, args.messages // 4), Shape(seed=11, batched_workers_ratio=0))
     publishes = to_publishes(messages)[: args.messages]
@@ -184,7 +191,8 @@ def main() -> None:
     with bench_vhost() as url:
         for round_ in range(args.rounds):
             for variant in args.only.split(","):
-                print(f"round {round_ + 1}: {_run(url, variant, publishes, events).line()}", flush=True)
+                result = _run(url, variant, publishes, events, fast=args.path == "fast")
+                print(f"round {round_ + 1}: {result.line()}", flush=True)
 
 
 if __name__ == "__main__":
