@@ -89,6 +89,8 @@ class AlertEngine(Sink):
 
     # -- events -----------------------------------------------------------------------
 
+    update_kinds = frozenset({"failed", "offline", "online"})
+
     def on_update(self, update: Update) -> None:
         if type(update) is TaskUpdate:
             if update.kind == "failed" and self.rules.task_failed.enabled:

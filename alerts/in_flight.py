@@ -41,6 +41,9 @@ class InFlightAlerts(Sink):
 
     # -- events -------------------------------------------------------------------------
 
+    # Endings (for stuck tasks), received (a lost task back), offline (tasks lost with it).
+    update_kinds = frozenset({*_ENDINGS, "received", "offline"})
+
     def on_update(self, update: Update) -> None:
         if type(update) is TaskUpdate:
             if update.uuid in self.stuck and update.kind in _ENDINGS:

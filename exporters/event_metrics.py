@@ -137,6 +137,8 @@ class Histogram:
 
 
 class EventMetrics(Sink):
+    update_kinds = frozenset(TASK_KINDS)
+
     def __init__(self, config: LiveConfig) -> None:
         self._live = config
         self._config: Config | None = None

@@ -19,7 +19,16 @@ from collections.abc import Callable
 from typing import Any
 
 from celery_sidecar.monitor.schema import MISSING_TYPE, NOT_AN_EVENT, PARSERS, UNKNOWN_TYPE, Refused
-from celery_sidecar.monitor.state import QueueReading, State, TaskUpdate, Unacked, WorkerInfo, WorkerUpdate
+from celery_sidecar.monitor.state import (
+    TASK_KINDS,
+    WORKER_KINDS,
+    QueueReading,
+    State,
+    TaskUpdate,
+    Unacked,
+    WorkerInfo,
+    WorkerUpdate,
+)
 from celery_sidecar.monitor.status import Status
 
 log = logging.getLogger(__name__)
@@ -27,8 +36,14 @@ log = logging.getLogger(__name__)
 Update = TaskUpdate | WorkerUpdate
 
 
+UPDATE_KINDS = (*TASK_KINDS, *WORKER_KINDS)
+
+
 class Sink:
-    """Receives every update; ``on_tick`` runs about once a second under the same lock."""
+    """Receives updates (of ``update_kinds``; None: every kind); ``on_tick`` runs about once a
+    second under the same lock."""
+
+    update_kinds: frozenset[str] | None = None
 
     def on_update(self, update: Update) -> None: ...
 
@@ -41,7 +56,9 @@ class Pipeline:
         self.state = state
         self.status = status if status is not None else Status()
         self.sinks: list[Sink] = []
-        self._update_sinks: list[Sink] = []  # only sinks that act per event: the hot path
+        # The hot path: per update kind, only the sinks that act on it (most sinks act on a
+        # few rare kinds; a call each per event would cost more than the fold's own work).
+        self._update_sinks: dict[str, list[Sink]] = {kind: [] for kind in UPDATE_KINDS}
         for sink in sinks or []:
             self.add_sink(sink)
         self.lock = threading.RLock()
@@ -52,7 +69,12 @@ class Pipeline:
     def add_sink(self, sink: Sink) -> None:
         self.sinks.append(sink)
         if type(sink).on_update is not Sink.on_update:
-            self._update_sinks.append(sink)
+            kinds = UPDATE_KINDS if sink.update_kinds is None else sink.update_kinds
+            unknown = set(kinds) - set(UPDATE_KINDS)
+            if unknown:
+                raise ValueError(f"{type(sink).__name__}.update_kinds has unknown kinds {sorted(unknown)}")
+            for kind in kinds:
+                self._update_sinks[kind].append(sink)
 
     # -- events -------------------------------------------------------------------------
 
@@ -85,7 +107,7 @@ class Pipeline:
             counters.last_event_at = received
             counters.last_event_lag = max(0.0, received - fields[1])  # the timestamp: second in every parse
             if update is not None:
-                for sink in self._update_sinks:
+                for sink in self._update_sinks[update.kind]:
                     try:
                         sink.on_update(update)
                     except Exception:  # noqa: BLE001 - one bad sink must not stop the stream

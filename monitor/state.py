@@ -38,6 +38,7 @@ from celery_sidecar.monitor.windows import RatioWindow, SampleWindow
 log = logging.getLogger(__name__)
 
 TASK_KINDS = ("sent", "received", "started", "succeeded", "failed", "retried", "rejected", "revoked")
+WORKER_KINDS = ("online", "offline")
 UNKNOWN = "unknown"
 MAX_LEARNED_NAMES = 10_000
 MAX_QUEUES = 1000  # discovered queues (and so queue label values) kept
