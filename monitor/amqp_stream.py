@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -177,9 +179,17 @@ class FrameReader:
             self._end += size
             self._last_recv = time.monotonic()
             decoder.refresh()
-            if size < _COALESCE_BELOW:
+            if size < _COALESCE_BELOW and not self._more_here():
                 self._frames()
                 stop.wait(_COALESCE_SECONDS)
+
+    def _more_here(self) -> bool:
+        """Whether more of the stream has already arrived. A TLS read returns one record (16 KB
+        at most, often less), so on amqps:// a short read does not mean the traffic is light."""
+        sock = self._sock
+        if not isinstance(sock, ssl.SSLSocket):
+            return False
+        return bool(sock.pending() or select.select([sock], [], [], 0)[0])
 
     def _frames(self) -> None:
         """Handle every complete frame in the buffer, then move the rest to its start."""

@@ -40,7 +40,10 @@ class Waiting:
                 heap[:] = [(e, u) for e, u in heap if self._where.get(u) == queue]
                 heapq.heapify(heap)
         else:
-            self._queued.setdefault(queue, OrderedDict())[uuid] = since
+            queued = self._queued.get(queue)
+            if queued is None:  # not setdefault: it would build an OrderedDict per call
+                queued = self._queued[queue] = OrderedDict()
+            queued[uuid] = since
 
     def remove(self, uuid: str) -> None:
         queue = self._where.pop(uuid, None)
@@ -80,8 +83,14 @@ class Running:
     def start(self, uuid: str, name: str, host: str, at: float) -> None:
         self.finish(uuid)
         self._of[uuid] = (name, host)
-        self._by_name.setdefault(name, OrderedDict())[uuid] = at
-        self._by_host.setdefault(host, set()).add(uuid)
+        tasks = self._by_name.get(name)
+        if tasks is None:
+            tasks = self._by_name[name] = OrderedDict()
+        tasks[uuid] = at
+        on_host = self._by_host.get(host)
+        if on_host is None:
+            on_host = self._by_host[host] = set()
+        on_host.add(uuid)
 
     def finish(self, uuid: str) -> bool:
         """Forget ``uuid``; whether it was running."""

@@ -9,6 +9,7 @@ by a proxy in front of it (tests/support/amqp_proxy.py); everything else is Rabb
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import time
 import uuid
@@ -27,7 +28,7 @@ from tests.hostile import valid_event
 from tests.support.amqp_proxy import AmqpProxy, close_args, method_frame, shortstr
 from tests.support.brokers import publish_raw
 from tests.support.inproc import Consumer
-from tests.support.servers import wait_for
+from tests.support.servers import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -195,6 +196,68 @@ def test_heartbeats_keep_an_idle_connection_and_a_silent_server_is_noticed(amqp_
         settle(amqp_url, [consumer])
     finally:
         consumer.close()
+
+
+@pytest.fixture(scope="module")
+def tls_relay(tmp_path_factory) -> Iterator[tuple[int, str]]:
+    """amqps:// in front of the real RabbitMQ: socat terminates TLS with a certificate from a
+    private CA and relays to 5672. Yields (port, the CA's PEM file)."""
+    where = tmp_path_factory.mktemp("tls")
+    ca, ca_key, cert, key = (str(where / n) for n in ("ca.pem", "ca.key", "server.pem", "server.key"))
+    openssl = ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    subprocess.run([*openssl, "-x509", "-keyout", ca_key, "-out", ca, "-subj", "/CN=sidecar-test-ca"],
+                   check=True, capture_output=True)
+    subprocess.run([*openssl, "-keyout", key, "-out", str(where / "server.csr"), "-subj", "/CN=127.0.0.1"],
+                   check=True, capture_output=True)
+    (where / "san").write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(where / "server.csr"), "-CA", ca, "-CAkey", ca_key,
+                    "-CAcreateserial", "-days", "1", "-out", cert, "-extfile", str(where / "san")],
+                   check=True, capture_output=True)
+    port = free_port()
+    relay = subprocess.Popen(["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={cert},"
+                              f"key={key},verify=0", "TCP:127.0.0.1:5672"], stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _accepts(port), timeout=10, what="socat's TLS listener")
+        yield port, ca
+    finally:
+        relay.terminate()
+        relay.wait(10)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "stock"])
+def test_amqps_is_read_through_tls(amqp_url, tls_relay, fast_path, monkeypatch):
+    """The fast path reads what py-amqp's TLS socket decrypts, records over 16 KB included."""
+    port, ca = tls_relay
+    monkeypatch.setenv("SSL_CERT_FILE", ca)  # the private CA, as OpenSSL's default trust store
+    url = amqp_url.replace("amqp://", "amqps://", 1).replace(":5672/", f":{port}/", 1)
+    with Consumer(url, fast_path=fast_path) as consumer:
+        assert consumer.status.intake == ("amqp-fast" if fast_path else "stock")
+        wait_for(lambda: consumer.status.connected, timeout=20, what="amqps to connect")
+        generator = TrafficGenerator(Shape(seed=5, batched_workers_ratio=0))
+        messages = events_of(generator.messages(300))
+        big = {**valid_event("task-failed", 1), "exception": "ValueError('big')", "traceback": "x" * 100_000}
+        publish_raw(amqp_url, [*messages, (dumps(big).encode(), "application/json", "task.failed")])
+        settle(amqp_url, [consumer])
+        assert consumer.events() == generator.totals.events + 1 + 1  # the big event, the sentinel
+        assert consumer.status.reconnects == 0
+
+
+def test_amqps_with_an_untrusted_certificate_is_a_clear_error(amqp_url, tls_relay):
+    port, _ca = tls_relay  # SSL_CERT_FILE not set: the private CA is not trusted
+    url = amqp_url.replace("amqp://", "amqps://", 1).replace(":5672/", f":{port}/", 1)
+    with Consumer(url, fast_path=True) as consumer:
+        wait_for(lambda: consumer.status.last_error is not None, timeout=20, what="the TLS error")
+        assert "CERTIFICATE_VERIFY_FAILED" in consumer.status.last_error
+        assert not consumer.status.connected
+        assert "guest:guest" not in consumer.status.last_error
 
 
 @pytest.mark.parametrize(("url", "path"), [

@@ -23,7 +23,7 @@ import psutil
 from tests.bench.profile import Profiler
 from tests.bench.publish import paced
 from tests.bench.rabbit import Converter, Publish, Publisher, QueueDepth, list_queues, to_publishes
-from tests.bench.scenarios import Cpu, Drain, Loss, Memory, Progress, TargetFactory, _cpu_seconds
+from tests.bench.scenarios import Cpu, Drain, Loss, Memory, Progress, TargetFactory, _cpu_seconds, cpu_or_zero
 from tests.bench.targets import Sidecar, Target, start_and_wait
 from tests.bench.traffic import Shape, TrafficGenerator
 from tests.support.servers import wait_for
@@ -33,7 +33,6 @@ EVENT_QUEUE_PREFIX = "celeryev."  # the sidecar's celeryev.sidecar.*, celery's c
 
 @dataclass
 class AmqpDrain(Drain):
-    consumer_cpu: float = 0.0  # CPU seconds the consumer used while draining
     broker_cpu: float = 0.0  # and RabbitMQ (beam.smp); both near their elapsed time: one is the limit
 
     @property
@@ -75,15 +74,6 @@ def _broker_process() -> psutil.Process | None:
             if process.info["name"] == "beam.smp" and "rabbit" in " ".join(process.info["cmdline"] or ()):
                 return process
     return None
-
-
-def _cpu_or_zero(process: psutil.Process | None) -> float:
-    if process is None:
-        return 0.0
-    try:
-        return _cpu_seconds(process)
-    except psutil.Error:
-        return 0.0
 
 
 def _drop_leftovers(url: str, depth: QueueDepth) -> None:
@@ -177,11 +167,11 @@ def drain(url: str, factory: TargetFactory, publishes: list[Publish], events: in
         progress(f"  {target.label}: {events:,} events parked in RabbitMQ ({where}); resuming the consumer")
         spy = Profiler(target.process.pid, profile, thread_filter="amqp_stream.py") if profile else None
         broker = _broker_process()
-        cpu_before = _cpu_or_zero(target.ps), _cpu_or_zero(broker)
+        cpu_before = cpu_or_zero(target.ps), cpu_or_zero(broker)
         started = time.monotonic()
         target.resume()
         count, finished = run.wait_consumed(base + events, interval=0.02)
-        cpu_after = _cpu_or_zero(target.ps), _cpu_or_zero(broker)
+        cpu_after = cpu_or_zero(target.ps), cpu_or_zero(broker)
         if spy is not None:
             progress(spy.stop_and_summarise())
         result = AmqpDrain(target.label, events, finished - started, count - base,
