@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from celery_sidecar.monitor.config import Config, LiveConfig
-from celery_sidecar.monitor.pipeline import Sink, Update
+from celery_sidecar.monitor.pipeline import Sink
 from celery_sidecar.monitor.state import MAX_QUEUES, TASK_KINDS, TaskUpdate, WorkerUpdate
 
 OTHER = "other"
@@ -170,9 +170,7 @@ class EventMetrics(Sink):
         self._generic_host = caps.generic_hostname
         self._config = config
 
-    def on_update(self, update: Update) -> None:
-        if type(update) is not TaskUpdate:
-            return
+    def on_update(self, update: TaskUpdate) -> None:  # update_kinds: task updates only
         if self._live.current is not self._config:
             self._follow(self._live.current)
         name, host, queue = update.name, update.hostname, update.queue

@@ -105,7 +105,8 @@ class Pipeline:
             by_type = counters.events_by_type
             by_type[etype] = by_type.get(etype, 0) + 1
             counters.last_event_at = received
-            counters.last_event_lag = max(0.0, received - fields[1])  # the timestamp: second in every parse
+            lag = received - fields[1]  # the timestamp: second in every parse
+            counters.last_event_lag = lag if lag > 0.0 else 0.0
             if update is not None:
                 for sink in self._update_sinks[update.kind]:
                     try:
