@@ -14,7 +14,6 @@ anyone else): bare consumers are watched by their count file only, which costs t
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from dataclasses import dataclass
 
@@ -23,7 +22,16 @@ import psutil
 from tests.bench.profile import Profiler
 from tests.bench.publish import paced
 from tests.bench.rabbit import Converter, Publish, Publisher, QueueDepth, list_queues, to_publishes
-from tests.bench.scenarios import Cpu, Drain, Loss, Memory, Progress, TargetFactory, _cpu_seconds, cpu_or_zero
+from tests.bench.scenarios import (
+    Cpu,
+    Drain,
+    Loss,
+    Memory,
+    Progress,
+    TargetFactory,
+    cpu_or_zero,
+    cpu_while_publishing,
+)
 from tests.bench.targets import Sidecar, Target, start_and_wait
 from tests.bench.traffic import Shape, TrafficGenerator
 from tests.support.servers import wait_for
@@ -254,29 +262,12 @@ def cpu(url: str, factory: TargetFactory, tasks_per_s: float, seconds: float, pr
     publishes = to_publishes(generator.messages(int(tasks_per_s * seconds)))
     events_per_s = generator.totals.events / seconds
     with _Run(url, factory) as run:
-        target = run.target
-        assert isinstance(target, Sidecar)
         time.sleep(1.0)
-        process = target.ps
         publisher = Publisher(url)
-        done = threading.Event()
-
-        def scrape_until_done() -> None:
-            while not done.wait(scrape_interval):
-                target.scrape()
-
-        scraper = threading.Thread(target=scrape_until_done, name="bench-scraper", daemon=True)
-        before = _cpu_seconds(process)
-        started = time.monotonic()
-        scraper.start()
         try:
-            for batch in paced(publishes, events_per_s):
-                publisher.publish(batch)
-            elapsed = time.monotonic() - started
-            used = _cpu_seconds(process) - before
+            elapsed, used = cpu_while_publishing(run.target, publisher.publish, paced(publishes, events_per_s),
+                                                 scrape_interval)
         finally:
-            done.set()
-            scraper.join()
             publisher.close()
         progress(f"  cpu: {generator.totals.events / elapsed:,.0f} events/s for {elapsed:.0f}s")
         return Cpu(tasks_per_s, events_per_s, elapsed, 100 * used / elapsed)

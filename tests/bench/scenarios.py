@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -303,29 +303,41 @@ def cpu(factory: TargetFactory, tasks_per_s: float, seconds: float, progress: Pr
             start_and_wait(target)
             _wait_subscribed(server, target)
             time.sleep(1.0)
-            process = target.ps
             publisher = Publisher(server.port)
-            done = threading.Event()
-
-            def scrape_until_done() -> None:
-                while not done.wait(scrape_interval):
-                    target.scrape()
-
-            scraper = threading.Thread(target=scrape_until_done, name="bench-scraper", daemon=True)
-            before = _cpu_seconds(process)
-            started = time.monotonic()
-            scraper.start()
-            for batch in paced(messages, events_per_s):
-                publisher.publish(batch)
-            elapsed = time.monotonic() - started
-            used = _cpu_seconds(process) - before
-            done.set()
-            scraper.join()
-            publisher.close()
+            try:
+                elapsed, used = cpu_while_publishing(target, publisher.publish, paced(messages, events_per_s),
+                                                     scrape_interval)
+            finally:
+                publisher.close()
             progress(f"  cpu: {generator.totals.events / elapsed:,.0f} events/s for {elapsed:.0f}s")
             return Cpu(tasks_per_s, events_per_s, elapsed, 100 * used / elapsed)
         finally:
             target.stop()
+
+
+def cpu_while_publishing(target: Target, publish: Callable[[list], None], batches: Iterable[list],
+                         scrape_interval: float) -> tuple[float, float]:
+    """(seconds elapsed, CPU seconds the target used) while ``batches`` are published, with
+    /metrics scraped every ``scrape_interval`` seconds, as Prometheus would."""
+    assert isinstance(target, Sidecar)
+    process = target.ps
+    done = threading.Event()
+
+    def scrape_until_done() -> None:
+        while not done.wait(scrape_interval):
+            target.scrape()
+
+    scraper = threading.Thread(target=scrape_until_done, name="bench-scraper", daemon=True)
+    before = _cpu_seconds(process)
+    started = time.monotonic()
+    scraper.start()
+    try:
+        for batch in batches:
+            publish(batch)
+        return time.monotonic() - started, _cpu_seconds(process) - before
+    finally:
+        done.set()
+        scraper.join()
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
