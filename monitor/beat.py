@@ -72,7 +72,6 @@ class EntryState:
     grace: float
     period: float
     last_run: float | None = None  # our clock
-    last_uuid: str | None = None
     late: float = 0.0  # seconds the last run came after its due time
     missed_total: int = 0
     missing_since: float | None = None  # due time of the first miss not yet followed by a run
@@ -83,7 +82,6 @@ class BeatTracker:
     entries: dict[str, EntryState] = field(default_factory=dict)
     by_task: dict[str, list[str]] = field(default_factory=dict)
     runs: OrderedDict[str, str] = field(default_factory=OrderedDict)  # task id -> entry
-    last_any_run: float | None = None
     missed_since_run: set[str] = field(default_factory=set)  # entries that missed since the last run
     missed_dues_since_run: int = 0
     down_since: float | None = None
@@ -118,21 +116,21 @@ class BeatTracker:
         self.runs[uuid] = name
         if len(self.runs) > MAX_RUNS:
             self.runs.popitem(last=False)
-        self._ran(self.entries[name], uuid, at)
+        self._ran(self.entries[name], at)
         return name
 
     def entry_of(self, uuid: str) -> str | None:
         return self.runs.get(uuid)
 
-    def _ran(self, state: EntryState, uuid: str, at: float) -> None:
+    def _ran(self, state: EntryState, at: float) -> None:
         state.late = max(0.0, at - state.next_due) if at >= state.next_due - state.grace else 0.0
-        state.last_run, state.last_uuid = at, uuid
+        state.last_run = at
         state.next_due = state.entry.next_due(at)  # Beat schedules the next run from this one
         # From this run to the next due: an interval's period, a crontab's current gap (a
         # weekday-only crontab's weekend too), so last run + period + grace is when it is missed.
         state.period = max(1e-3, state.next_due - at)
         state.missing_since = None
-        self.last_any_run, self.down_since = at, None
+        self.down_since = None
         self.missed_since_run.clear()
         self.missed_dues_since_run = 0
 
