@@ -6,6 +6,9 @@ machine; this does not touch a broker or a socket. The drain's traffic is decode
 CPU time is taken, best of ``--rounds``:
 
   decode     the fast path's decoder alone (envelope → event dicts)
+  parse      the boundary alone (monitor/schema.PARSERS), and the same fields read with no
+             check at all (operator.itemgetter, the cheapest read there is): their
+             difference is what checking costs (issue 10 allows 5 % of the drain)
   fold       Pipeline.handle with no sink: the boundary check (monitor/schema.py) and State
   + <Sink>   the fold plus one of the sidecar's sinks
   sidecar    the sidecar's whole pipeline, every sink (alerts go nowhere: nothing is started)
@@ -20,11 +23,13 @@ import gc
 import tempfile
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from pathlib import Path
 
 from celery_sidecar.monitor.config import Config, LiveConfig
 from celery_sidecar.monitor.decoder import EventDecoder
 from celery_sidecar.monitor.pipeline import Pipeline, Sink
+from celery_sidecar.monitor.schema import PARSERS
 from celery_sidecar.monitor.state import State
 from celery_sidecar.monitor.status import Status
 from celery_sidecar.wiring import RunSettings, Sidecar
@@ -41,6 +46,17 @@ def _best(rounds: int, events: int, run: Callable[[], None], prepare: Callable[[
         run()
         best = min(best, time.process_time() - started)
     return 1e6 * best / events
+
+
+# What each parse returns, read with no check; rarer types (workers) are parsed either way.
+UNCHECKED = {
+    "task-sent": itemgetter("uuid", "timestamp", "hostname", "name", "queue", "retries", "eta", "args", "kwargs"),
+    "task-received": itemgetter("uuid", "timestamp", "hostname", "name", "retries", "eta", "args", "kwargs"),
+    "task-started": itemgetter("uuid", "timestamp", "hostname"),
+    "task-succeeded": itemgetter("uuid", "timestamp", "hostname", "runtime"),
+    "task-failed": itemgetter("uuid", "timestamp", "hostname", "exception", "traceback"),
+    "task-retried": itemgetter("uuid", "timestamp", "hostname", "exception", "traceback"),
+}
 
 
 def _sidecar_pipeline() -> Pipeline:
@@ -68,6 +84,21 @@ def main() -> None:
             quiet.feed(payload)
 
     print(f"  {'decode':<24} {_best(args.rounds, len(events), decode):6.2f}")
+
+    checked = [(PARSERS[e["type"]], e) for e in events]
+    unchecked = [(UNCHECKED.get(e["type"], PARSERS[e["type"]]), e) for e in events]
+    for (parse, event), (read, _) in zip(checked, unchecked, strict=True):
+        assert parse(event) == read(event), f"the unchecked read is not what {parse.__name__} returns"
+
+    def each(pairs: list) -> Callable[[], None]:
+        def run() -> None:
+            for parse, event in pairs:
+                parse(event)
+        return run
+
+    parse = _best(args.rounds, len(events), each(checked))
+    read = _best(args.rounds, len(events), each(unchecked))
+    print(f"  {'parse':<24} {parse:6.2f}  (no check: {read:.2f}; checking costs {parse - read:.2f})")
 
     def now() -> None:
         """Re-date the events to now, so liveness and the boundary's skew bound see live traffic."""
