@@ -77,7 +77,8 @@ def fast_path_serves(broker_url: str, transport_options: dict | None = None) -> 
 def stream_events(broker_url: str, transport_options: dict | None, queue: EventQueue,
                   on_event: Callable[[dict], None], on_skip: Callable[[str], None], stop: threading.Event,
                   on_connected: Callable[[], None] | None = None,
-                  on_backlog: Callable[[int], None] | None = None) -> None:
+                  on_backlog: Callable[[int], None] | None = None,
+                  on_checked: Callable[[str, tuple, float], None] | None = None) -> None:
     """Consume the event stream until ``stop`` is set.
 
     Raises ``ConnectionError`` when the connection cannot be made, breaks, or the server
@@ -101,8 +102,9 @@ def stream_events(broker_url: str, transport_options: dict | None, queue: EventQ
             raise ConnectionError(f"AMQP setup failed: {type(exc).__name__}: {exc}") from exc
         if on_connected is not None:
             on_connected()
-        reader = FrameReader(amqp.transport, channel.channel_id, queue.name, EventDecoder(on_event, on_skip),
-                             on_skip, heartbeat=float(amqp.heartbeat or 0), frame_max=int(amqp.frame_max),
+        decoder = EventDecoder(on_event, on_skip, on_checked=on_checked)
+        reader = FrameReader(amqp.transport, channel.channel_id, queue.name, decoder, on_skip,
+                             heartbeat=float(amqp.heartbeat or 0), frame_max=int(amqp.frame_max),
                              on_backlog=on_backlog)
         reader.run(stop)
         reader.goodbye()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import orjson
 from celery.utils.time import utcoffset
 
+from celery_sidecar.monitor import typed
 from celery_sidecar.monitor.schema import MALFORMED, MISSING_TYPE, NOT_AN_EVENT, UNDECODABLE, envelope_ok
 
 # Matches EventReceiver: clients never sync their clock, so task-sent gets ours minus one.
@@ -27,12 +28,19 @@ class EventDecoder:
 
     Never raises on bad input: every message or event it cannot use goes to ``on_skip``
     with a reason, and decoding carries on.
+
+    With ``on_checked`` (``Pipeline.fold_checked``), a body of hot task events in their
+    usual shape skips the dicts: monitor/typed.py decodes and checks it in one step, and
+    its events go to ``on_checked`` as (type, fields, received). Any other body goes the
+    ordinary way, event dicts to ``on_event``.
     """
 
     def __init__(self, on_event: Callable[[dict], None], on_skip: Callable[[str], None],
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time,
+                 on_checked: Callable[[str, tuple, float], None] | None = None) -> None:
         self._on_event = on_event
         self._on_skip = on_skip
+        self._on_checked = on_checked
         self._now = now
         # A private Lamport clock with the same arithmetic as app.clock in
         # event_from_message; one thread owns it, so no mutex.
@@ -61,6 +69,8 @@ class EventDecoder:
                 return
             if envelope["properties"].get("body_encoding") == "base64":
                 body = binascii.a2b_base64(body)
+            if self._on_checked is not None and self._checked(body):
+                return
             body = orjson.loads(body)
         except (orjson.JSONDecodeError, binascii.Error, TypeError, ValueError):
             self._on_skip(UNDECODABLE)
@@ -72,12 +82,31 @@ class EventDecoder:
         if not len(body):  # as kombu: an empty body is not decoded, and is not an event
             self._on_skip(NOT_AN_EVENT)
             return
+        if self._on_checked is not None and self._checked(body):
+            return
         try:
             body = orjson.loads(body)
         except orjson.JSONDecodeError:
             self._on_skip(UNDECODABLE)
             return
         self._body(body)
+
+    def _checked(self, body: bytes | memoryview | str) -> bool:
+        """Whether the body was hot events in their usual shape, now folded (monitor/typed.py)."""
+        now = self._now()
+        events = typed.decode(body, now, self._here)
+        if events is None:
+            return False
+        on_checked = self._on_checked
+        for etype, fields, clock in events:
+            mine = self.clock
+            if etype == "task-sent":  # as _emit: a client's clock is ignored
+                sent = (mine or 1) + _CLIENT_CLOCK_SKEW
+                self.clock = (mine if mine > sent else sent) + 1
+            else:
+                self.clock = (mine if mine > clock else clock) + 1
+            on_checked(etype, fields, now)
+        return True
 
     def _body(self, body: object) -> None:
         now = self._now()  # one receipt time per message: a batch arrives at once

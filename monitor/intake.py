@@ -120,12 +120,14 @@ class Intake:
         redis_stream.stream_events(
             self.broker_url, self.transport_options, on_event=self.pipeline.handle,
             on_skip=self.pipeline.skip, stop=stop, on_connected=self._ready,
+            on_checked=self.pipeline.fold_checked,
         )
 
     def _consume_amqp(self, stop: threading.Event) -> None:
         amqp_stream.stream_events(
             self.broker_url, self.transport_options, self.event_queue, on_event=self.pipeline.handle,
             on_skip=self.pipeline.skip, stop=stop, on_connected=self._ready, on_backlog=self._backlog,
+            on_checked=self.pipeline.fold_checked,
         )
 
     def _ready(self) -> None:

@@ -99,6 +99,11 @@ class Pipeline:
         except Refused as refused:
             self.skip(refused.reason)
             return
+        self.fold_checked(etype, fields, received)
+
+    def fold_checked(self, etype: str, fields: tuple, received: float) -> None:
+        """Fold one event whose fields passed the boundary: ``handle`` after its parse, or the
+        fast paths' typed decode (monitor/typed.py) directly."""
         with self.lock:
             update = self.state.apply(etype, fields, received)
             counters = self.state.counters

@@ -121,7 +121,8 @@ def _subscribe_pattern(options: dict, db: int, exchange: str) -> str:
 
 def stream_events(broker_url: str, transport_options: dict | None,
                   on_event: Callable[[dict], None], on_skip: Callable[[str], None],
-                  stop: threading.Event, on_connected: Callable[[], None] | None = None) -> None:
+                  stop: threading.Event, on_connected: Callable[[], None] | None = None,
+                  on_checked: Callable[[str, tuple, float], None] | None = None) -> None:
     """Consume the event stream until ``stop`` is set.
 
     Returns when ``stop`` is set. Raises ``ConnectionError`` when the connection cannot be
@@ -132,7 +133,7 @@ def stream_events(broker_url: str, transport_options: dict | None,
     endpoint = endpoint_for(broker_url, transport_options)
     if endpoint is None:
         raise ValueError(f"the Redis fast path cannot serve {_redact(broker_url)}; use the stock path")
-    decoder = EventDecoder(on_event, on_skip)
+    decoder = EventDecoder(on_event, on_skip, on_checked=on_checked)
     sock = _connect(endpoint)
     try:
         reader = hiredis.Reader()
