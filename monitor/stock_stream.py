@@ -1,6 +1,7 @@
 """The stock path: ``celery.events.EventReceiver`` over kombu, for every transport and URL form.
 
-It hands the pipeline the same event dicts as the fast paths. What kombu or
+It hands the pipeline the same event dicts as the fast paths, and like them folds a body of
+hot task events in their usual shape without any dicts (monitor/typed.py). What kombu or
 EventReceiver cannot decode is counted and skipped here instead of ending the consumer
 (which would cost a reconnect and every event published meanwhile).
 """
@@ -15,9 +16,11 @@ from queue import Empty
 from typing import Any
 
 from celery import Celery
-from celery.events.receiver import EventReceiver
+from celery.events.receiver import CLIENT_CLOCK_SKEW, EventReceiver
+from celery.utils.time import utcoffset
 from kombu import Queue
 
+from celery_sidecar.monitor import typed
 from celery_sidecar.monitor.event_queue import EventQueue
 from celery_sidecar.monitor.pipeline import Pipeline
 from celery_sidecar.monitor.schema import MALFORMED, MISSING_TYPE, NOT_AN_EVENT, UNDECODABLE, envelope_ok
@@ -100,6 +103,33 @@ class _GuardedReceiver(EventReceiver):
             self._backlog_of = event_queue.name
         else:
             self._backlog_of = None
+
+    def get_consumers(self, Consumer: Any, channel: Any) -> list:
+        consumers = super().get_consumers(Consumer, channel)
+        for consumer in consumers:  # the raw message first, before kombu builds dicts from it
+            consumer.on_message = self._on_message
+        return consumers
+
+    def _on_message(self, message: Any) -> None:
+        """A body of hot task events in their usual shape is decoded and checked in one step
+        (monitor/typed.py), as on the fast paths; anything else is decoded as kombu would."""
+        if (message.content_type == "application/json" and message.content_encoding in ("utf-8", None)
+                and "compression" not in message.headers):
+            now = time.time()
+            events = typed.decode(message.body, now, utcoffset())
+            if events is not None:
+                value, adjust, fold = self.clock, self.adjust_clock, self._pipeline.fold_checked
+                for etype, fields, clock in events:
+                    # As event_from_message: a client's clock is ignored for task-sent.
+                    adjust((value.value or 1) + CLIENT_CLOCK_SKEW if etype == "task-sent" else clock)
+                    fold(etype, fields, now)
+                return
+        try:
+            body = message.decode()
+        except Exception as exc:  # noqa: BLE001 - what kombu's consumer does without on_message
+            self.on_decode_error(message, exc)
+            return
+        self._receive(body, message)
 
     def _receive(self, body: Any, message: Any, list=list, isinstance=isinstance) -> None:
         handle, skip = self._pipeline.handle, self._pipeline.skip

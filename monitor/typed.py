@@ -1,11 +1,13 @@
-"""The hot task events decoded straight into checked fields, in C (msgspec).
+"""The hot task events decoded straight into checked fields, in C (msgspec), on every path.
 
 Nearly all traffic is task-sent, -received, -started and -succeeded (plus -failed and
 -retried in the same batches). For a message body made only of those, in the shape
 Celery's workers send (every field present, labels non-empty, no eta), one msgspec decode
 parses the JSON *and* checks every type and bound of monitor/schema.py while it does: no
 dict is built, and no Python runs per field. That makes the boundary cheaper than reading
-the same fields from an unchecked dict (docs/performance.md, "Session 6").
+the same fields from an unchecked dict (docs/performance.md, "Session 6"). The fast
+paths call it on each body (monitor/decoder.py), the stock path on each raw message
+before kombu decodes it (monitor/stock_stream.py).
 
 It is a fast path, never a second rule. Each struct below is at least as strict as the
 careful parse of its type in schema.py, and what it does not accept (any other type in

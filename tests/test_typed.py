@@ -1,20 +1,25 @@
-"""The fast paths' typed decode (monitor/typed.py) folds exactly what the ordinary decode does.
+"""The typed decode (monitor/typed.py) folds exactly what the ordinary decode does.
 
 A body of hot task events in their usual shape is decoded and checked in one msgspec step;
 anything else goes the ordinary way (orjson, EventDecoder._emit, schema.PARSERS). The
-property: for any body, a decoder with the typed step and one without hand the pipeline
-the same folds (type and fields) and the same skips, in the same order, and end on the
-same Lamport clock. Bodies start from real ones and are then broken, field by field.
+property: for any body, on each path (the fast paths' EventDecoder, the stock path's
+EventReceiver), the path with the typed step and without it hand the pipeline the same
+folds (type and fields) and the same skips, in the same order, and end on the same
+Lamport clock. Bodies start from real ones and are then broken, field by field.
 """
 
 from __future__ import annotations
 
 import base64
+import threading
 from typing import Any
+from unittest import mock
 
 import pytest
+from celery import Celery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kombu import Message
 from kombu.utils.json import dumps
 
 from celery_sidecar.monitor import schema, typed
@@ -23,6 +28,7 @@ from celery_sidecar.monitor.decoder import EventDecoder
 from celery_sidecar.monitor.pipeline import Pipeline
 from celery_sidecar.monitor.state import State
 from celery_sidecar.monitor.status import Status
+from celery_sidecar.monitor.stock_stream import _GuardedReceiver
 from tests.hostile import NOW, json_values, plausible
 from tests.test_schema import EDGE_VALUES, real
 
@@ -67,6 +73,19 @@ def run(payloads: list[bytes], *, with_typed: bool, redis: bool) -> tuple[list[t
     return pipeline.seen, decoder.clock
 
 
+def run_stock(bodies: list[bytes], *, with_typed: bool) -> tuple[list[tuple], int]:
+    """The stock path's receiver, handed each body as kombu hands it a message."""
+    pipeline = Recording()
+    app = Celery(broker="memory://", set_as_current=False)
+    receiver = _GuardedReceiver(app.connection_for_read(), app=app, pipeline=pipeline, stop=threading.Event(),
+                                on_ready=lambda: None, event_queue=None, on_backlog=lambda _n: None)
+    with mock.patch.object(typed, "decode", typed.decode if with_typed else lambda *_args: None):
+        for body in bodies:
+            receiver._on_message(Message(body=body, content_type="application/json", content_encoding="utf-8"))
+    # EventReceiver stamps each event with its own receipt time: compare without it.
+    return [entry[:3] for entry in pipeline.seen], receiver.clock.value
+
+
 def redis_envelope(body: bytes, base64_body: bool) -> bytes:
     properties: dict[str, Any] = {"delivery_tag": "tag-1", "delivery_info": {"exchange": "celeryev"}}
     if base64_body:
@@ -79,6 +98,7 @@ def both_agree(bodies: list[bytes]) -> None:
     for redis in (False, True):
         payloads = [redis_envelope(b, base64_body=n % 2 == 0) for n, b in enumerate(bodies)] if redis else bodies
         assert run(payloads, with_typed=True, redis=redis) == run(payloads, with_typed=False, redis=redis)
+    assert run_stock(bodies, with_typed=True) == run_stock(bodies, with_typed=False)
 
 
 def test_real_bodies_take_the_typed_path(monkeypatch):
@@ -90,8 +110,10 @@ def test_real_bodies_take_the_typed_path(monkeypatch):
     def no_dicts(_event):
         raise AssertionError("a real body went the ordinary way")
 
+    stock = run_stock([*single, batch], with_typed=False)
     monkeypatch.setattr(Recording, "handle", no_dicts)
     assert run([*single, batch], with_typed=True, redis=False) == (ordinary, clock)
+    assert run_stock([*single, batch], with_typed=True) == stock
     assert [entry[:2] for entry in ordinary] == [("fold", kind) for kind in (*KINDS, *KINDS)]
 
 
