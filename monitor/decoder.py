@@ -100,6 +100,8 @@ class EventDecoder:
         on_checked = self._on_checked
         for etype, fields, clock in events:
             mine = self.clock
+            # _emit's clock arithmetic, written out again rather than shared: this loop runs
+            # once per hot event, and a helper call would add a Python frame to each.
             if etype == "task-sent":  # as _emit: a client's clock is ignored
                 sent = (mine or 1) + _CLIENT_CLOCK_SKEW
                 self.clock = (mine if mine > sent else sent) + 1

@@ -1,7 +1,8 @@
 """The single entry point into state: events, probe results and the connection's comings and goings.
 
 Every intake hands what it reads to the pipeline: the event paths (stock EventReceiver,
-Redis and AMQP fast paths) each event dict to ``handle``, the probes their readings to
+Redis and AMQP fast paths) each event dict to ``handle``, or the fields monitor/typed.py
+already checked to ``fold_checked``, the probes their readings to
 ``record_queues`` / ``record_inspection``, and the intake loop its connection changes to
 ``set_connected``. Malformed or unknown events are counted by reason and skipped;
 nothing here raises into an intake.
@@ -103,7 +104,7 @@ class Pipeline:
 
     def fold_checked(self, etype: str, fields: tuple, received: float) -> None:
         """Fold one event whose fields passed the boundary: ``handle`` after its parse, or the
-        fast paths' typed decode (monitor/typed.py) directly."""
+        typed decode (monitor/typed.py) directly, on the fast paths and the stock path alike."""
         with self.lock:
             update = self.state.apply(etype, fields, received)
             counters = self.state.counters

@@ -103,7 +103,7 @@ Hot = TaskSent | TaskReceived | TaskStarted | TaskRejected | TaskRevoked | TaskS
 _decode = msgspec.json.Decoder(list[Hot] | Hot).decode
 
 
-def decode(body: bytes | memoryview, received: float, here: float) -> list[tuple[str, tuple, int]] | None:
+def decode(body: bytes | memoryview | str, received: float, here: float) -> list[tuple[str, tuple, int]] | None:
     """(type, fields, clock) per event of a body made only of hot events in their usual shape,
     or None: then the body goes the ordinary way (orjson, EventDecoder._emit, schema.PARSERS).
 

@@ -10,7 +10,7 @@ CPU time is taken, best of ``--rounds``:
              check at all (operator.itemgetter, the cheapest read there is): their
              difference is what checking costs (issue 10 allows 5 % of the drain)
   decode + check   envelope → checked fields: the ordinary way (event dicts, then the
-             parse) and the fast paths' way (monitor/typed.py: one msgspec decode for a body
+             parse) and the way every path runs (monitor/typed.py: one msgspec decode for a body
              of hot task events, which checks as it parses; the rest the ordinary way)
   fold       Pipeline.handle with no sink: the boundary check (monitor/schema.py) and State
   + <Sink>   the fold plus one of the sidecar's sinks
@@ -113,7 +113,7 @@ def main() -> None:
 
     dicts = _best(args.rounds, len(events), decode_and_check(typed=False))
     typed = _best(args.rounds, len(events), decode_and_check(typed=True))
-    print(f"  {'decode + check':<24} {dicts:6.2f}  (typed, as the fast paths run: {typed:.2f})")
+    print(f"  {'decode + check':<24} {dicts:6.2f}  (typed, as every path runs: {typed:.2f})")
 
     def now() -> None:
         """Re-date the events to now, so liveness and the boundary's skew bound see live traffic."""
