@@ -133,6 +133,15 @@ def test_every_field_at_every_edge_is_folded_alike(kind):
     both_agree(bodies)
 
 
+def test_duplicate_keys_are_folded_alike():
+    """JSON lets a key repeat; kombu's json and orjson keep the last. A body whose keys repeat
+    (the type tag, a field with two types, two values) must not fold differently typed."""
+    start = dumps(real_event("task-started")).encode()[:-1]
+    bodies = [start + b', "type": "task-revoked"}', start + b', "clock": "x"}', start + b', "uuid": "other"}',
+              start + b', "timestamp": "late"}', b'{"type": "task-failed", ' + start[1:] + b"}"]
+    both_agree([*bodies, b"[" + b", ".join(bodies) + b"]"])
+
+
 @st.composite
 def bodies(draw: st.DrawFn) -> bytes:
     """One real event or a batch of them, with a field or two of some events dropped, set to
