@@ -76,7 +76,7 @@ EDGE_VALUES = [
     schema.MAX_COUNT + 1, True, False, None, "", " ", "é", "\ud800", "x" * schema.MAX_LABEL,
     "x" * (schema.MAX_LABEL + 1), "x" * (schema.MAX_TEXT + 1), "2030-01-01T00:00:00+00:00", "2030-01-01",
     NOW - schema.MAX_SKEW - 1, NOW + schema.MAX_SKEW - 1, int(NOW), float("nan"), float("inf"), [], {},
-    # Just outside the 64-bit range orjson reads as an int (it reads these as floats).
+    # orjson reads ints from -2**63 to 2**64 - 1 as ints, beyond as floats; the typed clock stops at 2**63 - 1.
     -(2**63) - 1, 2**63, 2**64,
 ]
 EDGES = st.sampled_from(EDGE_VALUES)
