@@ -1,4 +1,4 @@
-"""The alert engine: decides *when* to notify; alerts/delivery.py decides *how*.
+"""The alert engine: decides *when* to notify; alerts/delivery/dispatcher.py decides *how*.
 
 It is a pipeline sink. Task failures arrive on the event thread and cost one dict
 lookup unless they open a new alert; everything time-based (workers going silent,
@@ -6,10 +6,15 @@ thresholds, storm summaries) is evaluated in ``on_tick`` about once a second, on
 state snapshot (monitor/view.py). The thresholds are the signal table's
 (monitor/signals.py): this module knows no signal by name.
 
+A worker that shuts down gracefully (worker-offline) is usually being restarted: nothing is
+posted unless it stays away longer than the ``worker_shutdown`` rule's ``for_seconds``
+(60 s by default); then one message, resolved when it is back. A worker whose heartbeats
+stop pages at once (``worker_offline``).
+
 Keys are derived from event data (task ids, heartbeat timestamps, the failure that
 opened a storm window) so that two sidecars reading the same stream produce the same
 keys and the delivery layer's claim posts each page once. Threshold episodes are keyed
-by the 5-minute bucket in which the breach began (documented in docs/alerts.md).
+by the 5-minute bucket in which the breach began (docs/alerts-delivery.md, "HA").
 """
 
 from __future__ import annotations
@@ -19,19 +24,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from celery_sidecar.alerts.model import Alert
-from celery_sidecar.monitor.alerts_config import RuleConfig
-from celery_sidecar.monitor.config import Config, LiveConfig
-from celery_sidecar.monitor.dashboard_links import dashboard_url, subject_variables
-from celery_sidecar.monitor.pipeline import Sink, Update
-from celery_sidecar.monitor.signals import BY_RULE, SIGNALS, Reading, Signal, format_value
-from celery_sidecar.monitor.state import TaskUpdate, WorkerUpdate
-from celery_sidecar.monitor.view import StateView
+from celery_sidecar.monitor.config.alert_rules import RuleConfig
+from celery_sidecar.monitor.config.dashboard_links import dashboard_url, subject_variables
+from celery_sidecar.monitor.config.settings import Config, LiveConfig
+from celery_sidecar.monitor.signals import BY_RULE, SIGNALS, Reading, Severity, Signal, format_value
+from celery_sidecar.monitor.sinks import Sink, TaskUpdate, Update, WorkerUpdate
+from celery_sidecar.monitor.view import Snapshot, StateView
 
 log = logging.getLogger(__name__)
 
 MAX_STORMS = 1000  # distinct (task, exception) groups tracked at once
 EPISODE_BUCKET = 300.0
 LATE_EVENT_SLACK = 1.0  # seconds to wait for late events before closing a storm window
+# How long a gracefully shut down worker may stay away before anyone is told: a restart
+# (a deploy, a config change) comes back well within it.
 
 
 class Dispatcher(Protocol):  # the part of alerts.delivery.Dispatcher the engine uses
@@ -46,6 +52,14 @@ class _Storm:
     window_start: float  # event timestamp
     suppressed: int = 0
     last: TaskUpdate | None = None
+
+
+@dataclass
+class _Shutdown:
+    """A graceful shutdown not reported (yet): its worker may be back within the grace window."""
+
+    update: WorkerUpdate
+    since: float  # the window counts from here: the shutdown, or the broker's return
 
 
 @dataclass
@@ -66,7 +80,8 @@ class AlertEngine(Sink):
         self.dispatcher = dispatcher
         self.storms: dict[tuple[str, str], _Storm] = {}
         self.breaches: dict[tuple[str, str], _Breach] = {}
-        self.offline_groups: dict[str, str] = {}
+        self.shutdowns: dict[str, _Shutdown] = {}  # by hostname
+        self.offline_groups: dict[str, tuple[str, str]] = {}  # hostname -> (group, rule) of its open alert
 
     @property
     def config(self) -> Config:
@@ -97,7 +112,7 @@ class AlertEngine(Sink):
                 self._task_failed(update)
         elif update.kind == "offline" and update.reason == "shutdown":
             self._worker_shutdown(update)
-        elif update.kind == "online" and update.hostname in self.offline_groups:
+        elif update.kind == "online":
             self._worker_back(update)
 
     def _task_failed(self, update: TaskUpdate) -> None:
@@ -179,31 +194,52 @@ class AlertEngine(Sink):
 
     def _worker_shutdown(self, update: WorkerUpdate) -> None:
         self.offline_groups.pop(update.hostname, None)
+        if self.rules.worker_shutdown.enabled:
+            # Held back: a restart brings the worker back within the grace window.
+            self.shutdowns[update.hostname] = _Shutdown(update, update.timestamp)
+            _bound(self.shutdowns, self.config.state.max_workers)
+
+    def _report_shutdowns(self, now: float, snap: Snapshot) -> None:
+        """Post the graceful shutdowns whose worker stayed away past the grace window."""
         rule = self.rules.worker_shutdown
-        if rule.enabled:
-            self.dispatcher.submit(
-                Alert(
-                    key=f"worker_shutdown:{update.hostname}:{update.last_heartbeat_ts:.3f}",
-                    group=f"worker_shutdown:{update.hostname}:{update.last_heartbeat_ts:.3f}",
-                    kind="worker_shutdown",
-                    status="info",
-                    severity=rule.severity,
-                    title=f"Worker shut down: {update.hostname}",
-                    text=f"{update.hostname} sent worker-offline (a graceful shutdown).",
-                    fields={"Worker": update.hostname},
-                    created_at=update.timestamp,
-                    dashboard=self._dashboard(hostname=update.hostname),
-                )
+        if not snap.intake.connected:
+            # No worker can be seen coming back while the broker is unreachable: the window
+            # starts again when it is back, as the workers' heartbeat grace does.
+            for shutdown in self.shutdowns.values():
+                shutdown.since = now
+            return
+        grace = rule.for_seconds
+        for hostname, shutdown in list(self.shutdowns.items()):
+            if now - shutdown.since < grace:
+                continue
+            del self.shutdowns[hostname]
+            if rule.enabled:
+                self._shutdown_alert(shutdown.update, rule.severity, now)
+
+    def _shutdown_alert(self, update: WorkerUpdate, severity: Severity, now: float) -> None:
+        group = f"worker_shutdown:{update.hostname}:{update.last_heartbeat_ts:.3f}"
+        self.offline_groups[update.hostname] = (group, "worker_shutdown")
+        _bound(self.offline_groups, self.config.state.max_workers)
+        away = now - update.timestamp
+        self.dispatcher.submit(
+            Alert(
+                key=group, group=group, kind="worker_shutdown", status="firing", severity=severity,
+                title=f"Worker shut down: {update.hostname}",
+                text=f"{update.hostname} shut down gracefully (worker-offline) and has not come back "
+                     f"for {away:.0f} s.",
+                fields={"Worker": update.hostname, "Away for": f"{away:.0f} s"},
+                created_at=update.timestamp,
+                dashboard=self._dashboard(hostname=update.hostname),
             )
+        )
 
     def _worker_lost(self, update: WorkerUpdate) -> None:
         rule = self.rules.worker_offline
         if not rule.enabled:
             return
         group = f"worker_offline:{update.hostname}:{update.last_heartbeat_ts:.3f}"
-        self.offline_groups[update.hostname] = group
-        if len(self.offline_groups) > self.config.state.max_workers:
-            self.offline_groups.pop(next(iter(self.offline_groups)))
+        self.offline_groups[update.hostname] = (group, "worker_offline")
+        _bound(self.offline_groups, self.config.state.max_workers)
         silent = update.timestamp - update.last_heartbeat_ts
         self.dispatcher.submit(
             Alert(
@@ -217,11 +253,18 @@ class AlertEngine(Sink):
         )
 
     def _worker_back(self, update: WorkerUpdate) -> None:
-        group = self.offline_groups.pop(update.hostname)
+        shutdown = self.shutdowns.pop(update.hostname, None)
+        if shutdown is not None:
+            log.info("worker %s is back %.0f s after a graceful shutdown: a restart, not reported",
+                     update.hostname, update.timestamp - shutdown.update.timestamp)
+            return
+        if update.hostname not in self.offline_groups:
+            return
+        group, rule = self.offline_groups.pop(update.hostname)
         self.dispatcher.submit(
             Alert(
                 key=f"{group}:resolved", group=group, kind="worker_online", status="resolved",
-                severity=self.rules.worker_offline.severity,
+                severity=self.rules.rule(rule).severity,
                 title=f"Worker back online: {update.hostname}",
                 text=f"Heartbeats from {update.hostname} have resumed.",
                 fields={"Worker": update.hostname},
@@ -235,6 +278,12 @@ class AlertEngine(Sink):
     def on_tick(self, now: float, offline: list[WorkerUpdate], forgotten: list[str]) -> None:
         for update in offline:
             self._worker_lost(update)
+        snap = self.view.snapshot(now)
+        self._close_storm_windows(now)
+        self._report_shutdowns(now, snap)
+        self._evaluate_thresholds(now, snap)
+
+    def _close_storm_windows(self, now: float) -> None:
         window = self.config.alerts.storm_window_seconds
         for group, storm in list(self.storms.items()):
             if now >= storm.window_start + window + LATE_EVENT_SLACK:
@@ -244,11 +293,9 @@ class AlertEngine(Sink):
                     storm.window_start += window
                 else:
                     del self.storms[group]
-        self._evaluate_thresholds(now)
 
-    def _evaluate_thresholds(self, now: float) -> None:
+    def _evaluate_thresholds(self, now: float, snap: Snapshot) -> None:
         cfg = self.config
-        snap = self.view.snapshot(now)
         seen: set[tuple[str, str]] = set()
         for signal in SIGNALS:
             rule: RuleConfig = cfg.alerts.rules.rule(signal.rule)
@@ -311,3 +358,9 @@ class AlertEngine(Sink):
                     dashboard=self._dashboard(**subject_variables(signal.subject, subject)),
                 )
             )
+
+
+def _bound(mapping: dict, size: int) -> None:
+    """Forget the oldest entries of an insertion-ordered dict beyond `size`."""
+    while len(mapping) > size:
+        mapping.pop(next(iter(mapping)))

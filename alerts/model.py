@@ -35,7 +35,7 @@ class Alert:
     traceback: str | None = None
     link: str | None = None  # Flower's page of the task, when alerts.flower_url is set
     created_at: float = 0.0
-    # The Grafana dashboard that shows it (monitor/dashboard_links.py), when alerts.grafana_url is
+    # The Grafana dashboard that shows it (monitor/config/dashboard_links.py), when alerts.grafana_url is
     # set. Last and defaulted, so outbox entries written before it existed still decode.
     dashboard: str | None = None
 

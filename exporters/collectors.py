@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from celery_sidecar.monitor.config import LiveConfig
+from celery_sidecar.exporters.queue_pressure import pressure_families
+from celery_sidecar.monitor.config.settings import LiveConfig
 from celery_sidecar.monitor.signals import thresholds
 from celery_sidecar.monitor.view import Snapshot, StateView
 
@@ -28,26 +29,45 @@ class StateCollector:
         yield from beat_families(snap)
         yield threshold_family(snap, self._config)
         yield from sidecar_families(snap)
+        yield from stream_families(snap)
+        yield from pressure_families(snap)
 
 
 def worker_families(snap: Snapshot) -> Iterator[Metric]:
-    up = GaugeMetricFamily("celery_worker_up", "1 while the worker's heartbeats arrive.", labels=["hostname"])
-    active = GaugeMetricFamily("celery_worker_tasks_active", "Tasks the worker is running.", labels=["hostname"])
-    util = GaugeMetricFamily(
-        "celery_worker_pool_utilization", "Active tasks / pool max concurrency.", labels=["hostname"]
-    )
-    cpu = GaugeMetricFamily("celery_worker_cpu_percent", "Worker CPU % (worker plugin).", labels=["hostname"])
-    mem = GaugeMetricFamily(
-        "celery_worker_memory_percent", "Worker memory % of host (worker plugin).", labels=["hostname"]
-    )
-    rss = GaugeMetricFamily("celery_worker_rss_bytes", "Worker RSS bytes (worker plugin).", labels=["hostname"])
-    events_on = GaugeMetricFamily(
-        "celery_sidecar_worker_task_events_enabled",
-        "0 when a worker runs tasks but sends no task events (start it with -E).",
+    up = GaugeMetricFamily(
+        "celery_worker_up",
+        "1 while the worker's heartbeats arrive; 0 once none came for 2 x its heartbeat interval + "
+        "state.heartbeat_grace_seconds, or after it shut down.",
         labels=["hostname"],
     )
-    per_queue_workers: dict[str, int] = {}
-    per_queue_procs: dict[str, int] = {}
+    active = GaugeMetricFamily(
+        "celery_worker_tasks_active", "Tasks the worker is running, as its last heartbeat reported.",
+        labels=["hostname"],
+    )
+    util = GaugeMetricFamily(
+        "celery_worker_pool_utilization",
+        "Running tasks / the worker's pool size (0 to 1); the pool size comes from the worker plugin or "
+        "inspect stats.",
+        labels=["hostname"],
+    )
+    cpu = GaugeMetricFamily(
+        "celery_worker_cpu_percent", "Worker CPU, % of its host, pool children included (worker plugin).",
+        labels=["hostname"],
+    )
+    mem = GaugeMetricFamily(
+        "celery_worker_memory_percent", "Worker memory, % of its host, pool children included (worker plugin).",
+        labels=["hostname"],
+    )
+    rss = GaugeMetricFamily(
+        "celery_worker_rss_bytes", "Worker resident memory in bytes, pool children included (worker plugin).",
+        labels=["hostname"],
+    )
+    events_on = GaugeMetricFamily(
+        "celery_sidecar_worker_task_events_enabled",
+        "0 when a worker runs tasks but sends no task events (start it with -E, or run the sidecar with "
+        "--enable-events).",
+        labels=["hostname"],
+    )
     for w in snap.workers:
         host = [w.hostname]
         up.add_metric(host, 1.0 if w.alive else 0.0)
@@ -58,17 +78,27 @@ def worker_families(snap: Snapshot) -> Iterator[Metric]:
         for family, value in ((cpu, w.cpu_percent), (mem, w.memory_percent), (rss, w.rss_bytes)):
             if value is not None and w.alive:
                 family.add_metric(host, value)
+    yield from (up, active, util, cpu, mem, rss, events_on)
+    yield from queue_worker_families(snap)
+    yield retry_family(snap)
+
+
+def queue_worker_families(snap: Snapshot) -> Iterator[Metric]:
+    """Per queue, the live workers that consume it and their pool processes: a worker that
+    consumes several queues counts once in each."""
+    per_queue_workers: dict[str, int] = {}
+    per_queue_procs: dict[str, int] = {}
+    for w in snap.workers:
         if w.alive:
             for queue in w.queues:
                 per_queue_workers[queue] = per_queue_workers.get(queue, 0) + 1
                 per_queue_procs[queue] = per_queue_procs.get(queue, 0) + (w.pool_max or 0)
-    yield from (up, active, util, cpu, mem, rss, events_on)
-
     wcount = GaugeMetricFamily(
-        "celery_active_worker_count", "Live workers consuming the queue.", labels=["queue_name"]
+        "celery_active_worker_count", "Live workers consuming the queue (from worker inspection).",
+        labels=["queue_name"],
     )
     pcount = GaugeMetricFamily(
-        "celery_active_process_count", "Pool processes of live workers consuming the queue.", labels=["queue_name"]
+        "celery_active_process_count", "Pool processes of the live workers consuming the queue.", labels=["queue_name"]
     )
     for queue, n in sorted(per_queue_workers.items()):
         wcount.add_metric([queue], n)
@@ -76,20 +106,30 @@ def worker_families(snap: Snapshot) -> Iterator[Metric]:
     yield wcount
     yield pcount
 
+
+def retry_family(snap: Snapshot) -> Metric:
     retry = GaugeMetricFamily(
-        "celery_task_retry_ratio", "Retries / (retries + finished) over the retry window.", labels=["name"]
+        "celery_task_retry_ratio",
+        "Retries / (retries + finished) of this task name over the retry window (state.retry_window_seconds).",
+        labels=["name"],
     )
     for name in snap.retries:
         ratio = snap.retry_ratio(name)
         if ratio is not None:
             retry.add_metric([name], ratio)
-    yield retry
+    return retry
 
 
 def queue_families(snap: Snapshot) -> Iterator[Metric]:
-    length = GaugeMetricFamily("celery_queue_length", "Messages waiting in the queue.", labels=["queue_name"])
+    length = GaugeMetricFamily(
+        "celery_queue_length",
+        "Messages waiting in the queue: on Redis the list's length with its priority sub-lists, on RabbitMQ "
+        "the message count of a passive declare.",
+        labels=["queue_name"],
+    )
     consumers = GaugeMetricFamily(
-        "celery_active_consumer_count", "Consumers of the queue (from the broker).", labels=["queue_name"]
+        "celery_active_consumer_count", "Consumers of the queue, as the broker reports them (RabbitMQ).",
+        labels=["queue_name"],
     )
     for queue, reading in sorted(snap.queues.items()):
         length.add_metric([queue], reading.length)
@@ -99,10 +139,14 @@ def queue_families(snap: Snapshot) -> Iterator[Metric]:
     yield consumers
     if snap.queue_probe_at is not None:
         yield GaugeMetricFamily(
-            "celery_queue_probe_age_seconds", "Seconds since queue lengths were read.",
+            "celery_queue_probe_age_seconds", "Seconds since the queue probe last read the queue lengths.",
             value=max(0.0, snap.at - snap.queue_probe_at),
         )
-    errors = CounterMetricFamily("celery_sidecar_probe_errors", "Failed broker probes.", labels=["probe"])
+    errors = CounterMetricFamily(
+        "celery_sidecar_probe_errors",
+        "Failed broker probes, by probe (queue_length, inspect); the scrape still succeeds.",
+        labels=["probe"],
+    )
     for probe in ("queue_length", "inspect"):
         errors.add_metric([probe], snap.probe_errors.get(probe, 0))
     yield errors
@@ -127,12 +171,15 @@ def in_flight_families(snap: Snapshot) -> Iterator[Metric]:
         lower.add_metric([queue], 1.0 if queue_age.lower_bound else 0.0)
     yield age
     yield lower
-    running = GaugeMetricFamily("celery_task_running", "Tasks running now.", labels=["name"])
+    running = GaugeMetricFamily("celery_task_running", "Tasks of this name running now.", labels=["name"])
     oldest = GaugeMetricFamily(
-        "celery_task_oldest_running_seconds", "Runtime so far of the longest-running task.", labels=["name"]
+        "celery_task_oldest_running_seconds",
+        "Runtime so far, in seconds, of the longest-running task of this name.",
+        labels=["name"],
     )
     stuck = GaugeMetricFamily(
-        "celery_task_stuck", "Tasks running longer than their limit (thresholds.task_runtime_seconds).",
+        "celery_task_stuck",
+        "Tasks of this name running longer than their runtime limit (thresholds.task_runtime_seconds).",
         labels=["name"],
     )
     for name, view in snap.running.items():
@@ -141,8 +188,15 @@ def in_flight_families(snap: Snapshot) -> Iterator[Metric]:
         stuck.add_metric([name], view.stuck)
     yield from (running, oldest, stuck)
     for metric, doc, counts in (
-        ("celery_task_lost", "Tasks a worker had started and not finished when it went down.", snap.lost),
-        ("celery_task_redelivered", "Tasks received a second time (redelivered, not retried).", snap.redelivered),
+        ("celery_task_lost",
+         "Tasks a worker had started and not finished when it went down (heartbeats stopped, or it shut down "
+         "mid-task).", snap.lost),
+        ("celery_task_redelivered",
+         "Tasks received a second time without a retry: redelivered by the broker (acks_late after a lost "
+         "worker, or the Redis visibility timeout).", snap.redelivered),
+        ("celery_task_end_unseen",
+         "Running tasks their worker no longer ran when asked, whose end event never came: closed without "
+         "a stuck page, and counted as missed events.", snap.end_unseen),
     ):
         family = CounterMetricFamily(metric, doc, labels=["name", "queue_name"])
         for (name, queue), n in sorted(counts.items()):
@@ -150,11 +204,11 @@ def in_flight_families(snap: Snapshot) -> Iterator[Metric]:
         yield family
     if snap.unacked is not None:
         yield GaugeMetricFamily("celery_redis_unacked_tasks",
-                                "Messages workers have taken and not acknowledged (kombu's unacked hash).",
+                                "Redis: messages workers have taken and not acknowledged (kombu's unacked hash).",
                                 value=snap.unacked.count)
         yield GaugeMetricFamily(
             "celery_redis_unacked_oldest_age_seconds",
-            "Age of the oldest unacknowledged message (redelivered after the visibility timeout).",
+            "Redis: age in seconds of the oldest unacknowledged message (redelivered after the visibility timeout).",
             value=0.0 if snap.unacked.oldest_at is None else max(0.0, snap.at - snap.unacked.oldest_at),
         )
 
@@ -167,10 +221,10 @@ def beat_families(snap: Snapshot) -> Iterator[Metric]:
                              "When the entry's last run was seen (Unix time).", labels=labels)
     due = GaugeMetricFamily("celery_beat_entry_next_due_timestamp_seconds",
                             "When the entry's next run is due (Unix time).", labels=labels)
-    missed = CounterMetricFamily("celery_beat_entry_missed", "Due times that passed without a run.",
-                                 labels=labels)
-    late = GaugeMetricFamily("celery_beat_entry_late_seconds", "How late the entry's last run came.",
-                             labels=labels)
+    missed = CounterMetricFamily("celery_beat_entry_missed",
+                                 "Due times of the entry that passed without a run by due + grace.", labels=labels)
+    late = GaugeMetricFamily("celery_beat_entry_late_seconds",
+                             "Seconds after its due time that the entry's last run came.", labels=labels)
     period = GaugeMetricFamily("celery_beat_entry_period_seconds",
                                "Seconds from the last run to the next due time (an interval's period, a "
                                "crontab's current gap).", labels=labels)
@@ -194,7 +248,8 @@ def beat_families(snap: Snapshot) -> Iterator[Metric]:
 def threshold_family(snap: Snapshot, config: LiveConfig) -> Metric:
     fam = GaugeMetricFamily(
         "celery_threshold",
-        "Configured thresholds; alert rules and dashboards compare signals against these.",
+        "Configured thresholds, by signal and level (queue_name for per-queue ones); the Prometheus rules and "
+        "the dashboards compare against these, so they follow a config edit.",
         labels=["signal", "level", "queue_name"],
     )
     for row in thresholds(config.current, snap.known_queues):
@@ -205,12 +260,14 @@ def threshold_family(snap: Snapshot, config: LiveConfig) -> Metric:
 def sidecar_families(snap: Snapshot) -> Iterator[Metric]:
     """The sidecar's own health: intake, broker connection, config reloads."""
     intake = snap.intake
-    events = CounterMetricFamily("celery_sidecar_events", "Events consumed, by type.", labels=["type"])
+    events = CounterMetricFamily("celery_sidecar_events", "Events folded into state, by event type.", labels=["type"])
     for etype, n in sorted(intake.events_by_type.items()):
         events.add_metric([etype], n)
     yield events
     skipped = CounterMetricFamily(
-        "celery_sidecar_events_skipped", "Malformed or unknown events skipped, by reason.", labels=["reason"]
+        "celery_sidecar_events_skipped",
+        "Messages and events refused at the boundary, by reason; a refused one changes nothing else.",
+        labels=["reason"],
     )
     for reason, n in sorted(intake.skipped_by_reason.items()):
         skipped.add_metric([reason], n)
@@ -223,24 +280,32 @@ def sidecar_families(snap: Snapshot) -> Iterator[Metric]:
     for name in ("sent", "received"):
         src.add_metric([name], 1.0 if name == intake.latency_source else 0.0)
     yield src
+    yield from connection_families(snap)
+
+
+def connection_families(snap: Snapshot) -> Iterator[Metric]:
+    """The event consumer's connection, the config file, and how far behind the stream is."""
+    intake = snap.intake
     yield GaugeMetricFamily(
-        "celery_sidecar_broker_connected", "1 while the event consumer is connected.",
+        "celery_sidecar_broker_connected", "1 while the event consumer is connected to the broker.",
         value=1.0 if intake.connected else 0.0,
     )
-    yield CounterMetricFamily("celery_sidecar_reconnects", "Broker reconnects.", value=intake.reconnects)
+    yield CounterMetricFamily(
+        "celery_sidecar_reconnects", "Reconnects of the event consumer to the broker.", value=intake.reconnects
+    )
     reloads = CounterMetricFamily(
-        "celery_sidecar_config_reloads", "Config reloads by result.", labels=["result"]
+        "celery_sidecar_config_reloads", "Config file reloads, by result (ok, error).", labels=["result"]
     )
     for result in ("ok", "error"):
         reloads.add_metric([result], snap.config.reloads.get(result, 0))
     yield reloads
     yield GaugeMetricFamily(
-        "celery_sidecar_config_valid", "0 while the config file on disk is refused (previous one live).",
+        "celery_sidecar_config_valid", "0 while the config file on disk is refused (the previous config stays live).",
         value=0.0 if snap.config.error else 1.0,
     )
     yield GaugeMetricFamily(
         "celery_sidecar_consumer_lag_seconds",
-        "Local receive time minus event timestamp of the last event.",
+        "Seconds from the last event's timestamp to its receipt here (worker clock skew included).",
         value=intake.last_event_lag,
     )
     if intake.last_event_at is not None:
@@ -249,18 +314,56 @@ def sidecar_families(snap: Snapshot) -> Iterator[Metric]:
             value=max(0.0, snap.at - intake.last_event_at),
         )
     yield GaugeMetricFamily(
-        "celery_sidecar_tasks_in_memory", "In-flight tasks tracked (bounded by state.max_tasks).",
+        "celery_sidecar_tasks_in_memory", "In-flight tasks held in memory (bounded by state.max_tasks).",
         value=intake.tasks_in_memory,
     )
     if intake.event_queue_messages is not None:
         yield GaugeMetricFamily(
             "celery_sidecar_event_queue_messages",
-            "Events waiting in the sidecar's own event queue (AMQP brokers): its backlog.",
+            "RabbitMQ: events waiting in the sidecar's own event queue, its backlog.",
             value=intake.event_queue_messages,
         )
     if snap.last_tick_at is not None:
         yield GaugeMetricFamily(
             "celery_sidecar_last_tick_timestamp_seconds",
-            "When worker liveness and time-based alerts were last evaluated (about every second).",
+            "When worker liveness and time-based alerts were last evaluated, about every second (Unix time).",
             value=snap.last_tick_at,
+        )
+
+
+def stream_families(snap: Snapshot) -> Iterator[Metric]:
+    """How complete the event stream is, held against the workers' own counts: a heartbeat's
+    ``processed`` says how many task-started events should have come (docs/metrics.md)."""
+    stream = snap.stream
+    expected = CounterMetricFamily(
+        "celery_sidecar_task_events_expected",
+        "Task-started events the worker's heartbeats account for (growth of its processed count) since "
+        "the sidecar started watching it.", labels=["hostname"],
+    )
+    missed = CounterMetricFamily(
+        "celery_sidecar_task_events_missed",
+        "Estimated task events from this worker that never reached the sidecar: task-started events its "
+        "processed count accounts for and the stream lacked, plus end events never seen.", labels=["hostname"],
+    )
+    for host, (n_expected, n_missed) in sorted(stream.by_worker.items()):
+        expected.add_metric([host], n_expected)
+        missed.add_metric([host], n_missed)
+    yield expected
+    yield missed
+    yield CounterMetricFamily(
+        "celery_sidecar_task_events_expected_fleet",
+        "celery_sidecar_task_events_expected summed over every worker, forgotten ones included.",
+        value=stream.expected,
+    )
+    yield CounterMetricFamily(
+        "celery_sidecar_task_events_missed_fleet",
+        "celery_sidecar_task_events_missed summed over every worker, forgotten ones included.",
+        value=stream.missed,
+    )
+    share = stream.window_share
+    if share is not None:
+        yield GaugeMetricFamily(
+            "celery_sidecar_task_events_missed_ratio",
+            "Task events missed / expected over state.stream_window_seconds: what the event stream "
+            "incomplete alert judges.", value=share,
         )

@@ -7,220 +7,262 @@ thousands of events a second (see docs/performance.md). ``/metrics`` serves them
 ``exposition()``, which keeps every series rendered and re-renders only what changed;
 ``collect()`` is the prometheus_client rendering it is tested against.
 
-Label cardinality is capped here: task names and exception classes beyond their caps
-are exported as ``other``; ``generic_hostname`` replaces the hostname label on task
-series (worker series keep real hostnames; they are bounded by the state's worker cap).
+Each (name, hostname, queue) an update carries is routed once (``Route``): its label values
+under the caps (names and exception classes beyond them are ``other``; hostnames and queues
+are capped like the state's workers and queues), ``generic_hostname``, the task name
+filters, dropped labels and families turned off (exporters/controls.py). After that an
+update costs one dict lookup more than a bare increment. The first time a label set comes
+from a worker (any update but task-sent, whose hostname is the producer's) with a known
+queue, every state counter and both task histograms get their series at 0, as
+danihodovic/celery-exporter does, so a ratio or ``increase()`` over them has both sides from
+the start.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from itertools import accumulate
-from typing import Any
+from collections.abc import Iterator, Sequence
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import Metric
 
-from celery_sidecar.monitor.config import Config, LiveConfig
-from celery_sidecar.monitor.pipeline import Sink
-from celery_sidecar.monitor.state import MAX_QUEUES, TASK_KINDS, TaskUpdate, WorkerUpdate
+from celery_sidecar.exporters.controls import (
+    COUNTERS,
+    LATENCY,
+    QUEUE_WAIT,
+    RUNTIME,
+    Controls,
+    ControlsOf,
+    escape,
+    static_label_text,
+)
+from celery_sidecar.exporters.reshape import GENERIC_HOST, Route, idle_producers, regroup
+from celery_sidecar.exporters.series import OTHER, CappedLabel, Histogram, Labels, append_text, present
+from celery_sidecar.monitor.config.settings import Config, LiveConfig
+from celery_sidecar.monitor.sinks import MAX_QUEUES, TASK_KINDS, UNKNOWN, Sink, TaskUpdate, WorkerUpdate
 
-OTHER = "other"
-GENERIC_HOST = "generic"
-RUNTIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+__all__ = ["GENERIC_HOST", "OTHER", "EventMetrics"]
 
-Labels = tuple[str, ...]
-LabelText = Callable[[tuple[str, ...], Labels], str]
-
-
-class CappedLabel:
-    """Maps values to themselves until ``cap`` distinct values were seen, then to 'other'.
-
-    A lower cap from a config reload applies to new values: exported ones keep their label.
-    """
-
-    __slots__ = ("cap", "seen")
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.seen: set[str] = set()
-
-    def __call__(self, value: str) -> str:
-        seen = self.seen
-        if value in seen:
-            return value
-        if len(seen) < self.cap:
-            seen.add(value)
-            return value
-        return OTHER
-
-
-class Histogram:
-    """Per-label-set bucket counts (non-cumulative) and sums, and their rendered text."""
-
-    __slots__ = ("_dirty", "_text", "bounds", "series")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.series: dict[Labels, list[float]] = {}  # [b0..bn, +Inf, sum]
-        self._text: dict[Labels, bytes] = {}
-        self._dirty: set[Labels] = set()  # series whose text is out of date
-
-    def observe(self, labels: Labels, value: float) -> None:
-        row = self.series.get(labels)
-        if row is None:
-            row = self.series[labels] = [0] * (len(self.bounds) + 1) + [0.0]  # counts..., sum
-        row[bisect.bisect_left(self.bounds, value)] += 1
-        row[-1] += value
-        self._dirty.add(labels)
-
-    @property
-    def pending(self) -> int:
-        """Series whose text is out of date."""
-        return len(self._dirty)
-
-    def forget(self, labels: Labels) -> None:
-        del self.series[labels]
-        self._text.pop(labels, None)
-
-    def render(self, name: str, label_names: tuple[str, ...], label_text: LabelText) -> int:
-        """Bring the text of every changed series up to date; returns how many could not be.
-
-        A render fills the label text and the values into a list of line fragments shared
-        by all series and joins it: C-level slice assignment and join, about twice as fast
-        as ``str.format`` on a 21-field template. A series whose labels cannot be rendered
-        (the schema should have refused them) is dropped, never the whole exposition.
-        """
-        failed = 0
-        dirty, series, text = self._dirty, self.series, self._text
-        if not dirty:
-            return failed
-        parts: list[str] = []
-        for edge in [*map(_fmt, self.bounds), "+Inf"]:
-            parts += [f"{name}_bucket{{", "", f',le="{edge}"}} ', "", "\n"]
-        parts += [f"{name}_count{{", "", "} ", "", "\n", f"{name}_sum{{", "", "} ", "", "\n"]
-        lines = len(parts) // 5
-        while dirty:
-            labels = dirty.pop()  # atomic: an update from now on marks the series again
-            row = series.get(labels)
-            if row is None:
-                continue
-            values = list(accumulate(row[:-1]))
-            values += (values[-1], float(row[-1]))
-            try:
-                parts[1::5] = [label_text(label_names, labels)] * lines
-                parts[3::5] = map(str, values)
-                text[labels] = "".join(parts).encode()
-            except (AttributeError, TypeError, UnicodeError):
-                failed += 1  # no text: the series is left out of every exposition
-        return failed
-
-    def exposition(self, out: list[bytes], name: str, doc: str) -> None:
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} histogram\n".encode())
-        _append_text(out, self.series, self._text)
-
-    def family(self, name: str, doc: str, label_names: list[str]) -> HistogramMetricFamily:
-        fam = HistogramMetricFamily(name, doc, labels=label_names)
-        edges = [*(_fmt(b) for b in self.bounds), "+Inf"]
-        for labels, row in list(self.series.items()):
-            row = list(row)
-            cumulative, buckets = 0.0, []
-            for edge, count in zip(edges, row[:-1], strict=True):
-                cumulative += count
-                buckets.append((edge, cumulative))
-            fam.add_metric(list(labels), buckets, row[-1])
-        return fam
+# Routes are cached by the labels as updates carry them, before the caps: a producer that
+# invents task names would grow the cache without end, so past this it starts again.
+MAX_RAW_ROUTES = 50_000
+# How often hostnames seen only on task-sent (producers) are checked for having gone quiet.
+PRODUCER_SWEEP_SECONDS = 60.0
+NOT_COUNTED = dict.fromkeys(TASK_KINDS)
 
 
 class EventMetrics(Sink):
     update_kinds = frozenset(TASK_KINDS)
 
-    def __init__(self, config: LiveConfig) -> None:
+    def __init__(self, config: LiveConfig, static_labels: Sequence[tuple[str, str]] = ()) -> None:
         self._live = config
         self._config: Config | None = None
+        self._controls_of = ControlsOf()
+        self._controls = Controls()
+        self.static_labels = tuple(static_labels)
+        self._static_text = static_label_text(self.static_labels)
         self.counts: dict[str, dict[Labels, float]] = {kind: {} for kind in TASK_KINDS}
         self._count_text: dict[str, dict[Labels, bytes]] = {kind: {} for kind in TASK_KINDS}
         self._count_dirty: dict[str, set[Labels]] = {kind: set() for kind in TASK_KINDS}
+        # New series are served at 0 once before their count (exporters/series.py says why).
+        self._unserved: dict[str, set[Labels]] = {kind: set() for kind in TASK_KINDS}
+        self._born: dict[str, set[Labels]] = {kind: set() for kind in TASK_KINDS}
         self._label_text: dict[tuple[tuple[str, ...], Labels], str] = {}
-        self.runtime = Histogram(RUNTIME_BUCKETS)
-        self.queue_wait = Histogram(WAIT_BUCKETS)
-        self.latency = Histogram(WAIT_BUCKETS)
-        self._render_lock = threading.Lock()  # one render at a time: scrapes and the prerender thread
+        self.runtime = Histogram(())  # bounds from the config, in _follow
+        self.queue_wait = Histogram(())
+        self.latency = Histogram(())
+        self._render_lock = threading.Lock()  # one render at a time: scrapes, the prerender thread, a reshape
         self.render_errors = 0  # series dropped because they could not be rendered
         self._scraped_at = -math.inf
         self._name = CappedLabel(0)
         self._exception = CappedLabel(0)
+        self._keep_exception = True
         # Hostnames and queues come from the event stream too: a buggy producer inventing
         # them must not grow the series without bound (the worker and queue caps of state).
         self._host = CappedLabel(0)
         self._queue = CappedLabel(MAX_QUEUES)
-        self._generic_host = False
+        self._routes: dict[tuple[str, str, str], Route] = {}  # of updates from workers
+        self._sent_routes: dict[tuple[str, str, str], Route] = {}  # of task-sent: no zero series
+        self._by_labels: dict[Labels, Route] = {}  # capped (name, hostname, queue) -> its route
+        self._zeroed: set[Labels] = set()  # capped label sets seen from a worker: their series exist
+        self._producers: dict[str, tuple[float, float]] = {}  # hostname -> (tasks sent, since when)
+        self._next_sweep = -math.inf
         self._follow(config.current)
 
     def _follow(self, config: Config) -> None:
-        """Take the caps of the config in force (called when it is not the one last seen)."""
+        """Take the caps and controls of the config in force (called when it is not the one last seen)."""
         caps = config.cardinality
         self._name.cap = caps.max_task_names
         self._exception.cap = caps.max_exceptions
         self._host.cap = config.state.max_workers
-        self._generic_host = caps.generic_hostname
+        previous, self._controls = self._controls, self._controls_of(config)
+        self._keep_exception = "exception" not in self._controls.dropped(COUNTERS["failed"])
         self._config = config
+        self._routes.clear()  # a cap may have changed
+        self._sent_routes.clear()
+        if self._controls != previous:
+            self._reshape(previous.generic_hostname)
+
+    # -- the event path ---------------------------------------------------------------------
 
     def on_update(self, update: TaskUpdate) -> None:  # update_kinds: task updates only
         if self._live.current is not self._config:
             self._follow(self._live.current)
-        name, host, queue = update.name, update.hostname, update.queue
-        # Membership first: the common case (a label seen before) costs no call.
-        if name not in self._name.seen:
-            name = self._name(name)
-        if self._generic_host:
-            host = GENERIC_HOST
-        elif host not in self._host.seen:
-            host = self._host(host)
-        if queue not in self._queue.seen:
-            queue = self._queue(queue)
-        labels = (name, host, queue)
         kind = update.kind
-        key = (*labels, self._exception(update.exception or "unknown")) if kind == "failed" else labels
-        bucket = self.counts[kind]
-        bucket[key] = bucket.get(key, 0) + 1
-        self._count_dirty[kind].add(key)
-        if update.runtime is not None:
-            self.runtime.observe(labels, update.runtime)
+        raw = (update.name, update.hostname, update.queue)
+        route = (self._sent_routes if kind == "sent" else self._routes).get(raw)
+        if route is None:
+            route = self._route(raw, kind != "sent")
+        key = route.counters[kind]
+        if key is not None:
+            if kind == "failed":
+                key = (*key, self._exception(update.exception or "unknown") if self._keep_exception else None)
+            bucket = self.counts[kind]
+            count = bucket.get(key)
+            if count is None:
+                count = 0
+                self._unserved[kind].add(key)
+            bucket[key] = count + 1
+            self._count_dirty[kind].add(key)
+        if update.runtime is not None and route.runtime is not None:
+            self.runtime.observe(route.runtime, update.runtime)
         if update.latency is not None:
-            self.queue_wait.observe(labels, update.latency)
-            self.latency.observe((queue, update.task_class), update.latency)
+            if route.queue_wait is not None:
+                self.queue_wait.observe(route.queue_wait, update.latency)
+            if route.queue is not None:
+                self.latency.observe((route.queue, update.task_class), update.latency)
+
+    def _route(self, raw: tuple[str, str, str], from_worker: bool) -> Route:
+        routes = self._routes if from_worker else self._sent_routes
+        if len(routes) >= MAX_RAW_ROUTES:
+            routes.clear()
+        name, host, queue = raw
+        if not self._controls.exported(name):
+            # Left out: no task series, not even under 'other'; its queue wait still counts
+            # in the per-queue latency, which the latency threshold judges.
+            queue = self._queue(queue) if self._controls.is_on(LATENCY) else None
+            route = Route(NOT_COUNTED, None, None, queue)
+        else:
+            labels = (self._name(name), self._host(host), self._queue(queue))
+            route = self._by_labels.get(labels)
+            if route is None:
+                route = self._by_labels[labels] = Route.build(labels, self._controls, GENERIC_HOST)
+            # Not for queue "unknown": that is nearly always a task whose task-received came
+            # before its task-sent (celery publishes task-sent after the task message), and
+            # its zeros would sit beside the real queue's for ever.
+            if from_worker and not route.zeroed and queue != UNKNOWN:
+                self._zero(labels, route)
+        routes[raw] = route
+        return route
+
+    def _zero(self, labels: Labels, route: Route) -> None:
+        """Give a label set every state counter (failed with exception="") and both task
+        histograms at 0, where it has none yet."""
+        for kind, key in route.counters.items():
+            if key is None:
+                continue
+            if kind == "failed":
+                key = (*key, "" if self._keep_exception else None)
+            bucket = self.counts[kind]
+            if key not in bucket:
+                bucket[key] = 0
+                self._unserved[kind].add(key)
+                self._count_dirty[kind].add(key)
+        if route.runtime is not None:
+            self.runtime.touch(route.runtime)
+        if route.queue_wait is not None:
+            self.queue_wait.touch(route.queue_wait)
+        route.zeroed = True
+        self._zeroed.add(labels)
+
+    # -- time: forgetting, and reloads without task traffic ---------------------------------
 
     def on_tick(self, now: float, offline: list[WorkerUpdate], forgotten: list[str]) -> None:
+        if self._live.current is not self._config:
+            self._follow(self._live.current)  # a reload shows even while no task event comes
         for hostname in forgotten:
             self.forget_hostname(hostname)
+        if now >= self._next_sweep:
+            self._next_sweep = now + PRODUCER_SWEEP_SECONDS
+            workers = {labels[1] for labels in self._zeroed}
+            limit = self._live.current.state.worker_forget_seconds
+            for hostname in idle_producers(self.counts["sent"], workers, self._producers, now, limit):
+                self.forget_hostname(hostname)
 
     def forget_hostname(self, hostname: str) -> None:
-        """Drop every task series of a worker that is gone for good."""
+        """Drop every task series of a worker (or producer) that is gone for good."""
         for kind, series in self.counts.items():
             for labels in [k for k in series if k[1] == hostname]:
                 del series[labels]
                 self._count_text[kind].pop(labels, None)
+                self._unserved[kind].discard(labels)
+                self._born[kind].discard(labels)
         for histogram in (self.runtime, self.queue_wait):
             for labels in [k for k in histogram.series if k[1] == hostname]:
                 histogram.forget(labels)
         self._host.seen.discard(hostname)  # its slot under the cap is free again
+        self._zeroed = {labels for labels in self._zeroed if labels[1] != hostname}
+        for labels in [k for k in self._by_labels if k[1] == hostname]:
+            del self._by_labels[labels]
+        self._routes.clear()  # cached routes may lead to the forgotten ones
+        self._sent_routes.clear()
+        self._producers.pop(hostname, None)
         self._label_text.clear()
+
+    def _reshape(self, was_generic: bool) -> None:
+        """Bring the series held under the controls now in force.
+
+        A series of a task now left out goes; one whose label is now dropped is summed into
+        the series without it. A label dropped before cannot be split again, so such a series
+        ends, as does every series of a histogram whose buckets changed. Then every label set
+        seen from a worker gets its series at 0 again where it has none.
+        """
+        controls = self._controls
+        with self._render_lock:
+            self._by_labels.clear()
+            for kind in TASK_KINDS:
+                family = COUNTERS[kind]
+                counts = regroup(self.counts[kind], family, controls, was_generic) if controls.is_on(family) else {}
+                self.counts[kind], self._count_text[kind], self._count_dirty[kind] = counts, {}, set(counts)
+                # Kept series go on with their counts: served at 0 again, they would count twice.
+                self._unserved[kind], self._born[kind] = set(), set()
+            for histogram, family, bounds in ((self.runtime, RUNTIME, controls.runtime_buckets),
+                                              (self.queue_wait, QUEUE_WAIT, controls.queue_wait_buckets),
+                                              (self.latency, LATENCY, controls.queue_wait_buckets)):
+                keep = controls.is_on(family) and bounds == histogram.bounds
+                series = (histogram.series if family == LATENCY
+                          else regroup(histogram.series, family, controls, was_generic))
+                histogram.replace(bounds, series if keep else {})
+            for labels in list(self._zeroed):  # a task left out keeps its place: included again, it is back
+                if controls.exported(labels[0]):
+                    route = self._by_labels[labels] = Route.build(labels, controls, GENERIC_HOST)
+                    self._zero(labels, route)
+            self._label_text.clear()
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def name_queue_pairs(self) -> set[tuple[str, str]]:
+        """Every (task name, queue) the task series hold, whichever labels they drop."""
+        pairs = {(key[0], key[2]) for series in list(self.counts.values()) for key in list(series)}
+        pairs |= {(labels[0], labels[2]) for labels in list(self._zeroed)}
+        return {(name, queue) for name, queue in pairs if name is not None and queue is not None}
 
     def collect(self) -> Iterator[Metric]:
         """The reference rendering, through prometheus_client (see ``exposition``)."""
+        static = dict(self.static_labels)
+        controls = self._controls
         for kind in TASK_KINDS:
-            labels = FAILED_LABELS if kind == "failed" else BASE_LABELS
-            fam = CounterMetricFamily(f"celery_task_{kind}", COUNTER_DOCS[kind], labels=list(labels))
+            if not controls.is_on(COUNTERS[kind]):
+                continue
+            names = FAILED_LABELS if kind == "failed" else BASE_LABELS
+            fam = Metric(f"celery_task_{kind}", COUNTER_DOCS[kind], "counter")
             for key, value in list(self.counts[kind].items()):
-                fam.add_metric(list(key), value)
+                fam.add_sample(COUNTERS[kind], {**present(names, key), **static}, value)
             yield fam
         for attr, name, doc, names in HISTOGRAMS:
-            yield getattr(self, attr).family(name, doc, list(names))
+            if controls.is_on(name):
+                yield getattr(self, attr).family(name, doc, names, static)
 
     def exposition(self) -> bytes:
         """The same families as ``collect()``, in the text format, 20-100x faster.
@@ -233,14 +275,29 @@ class EventMetrics(Sink):
         with self._render_lock:
             self._scraped_at = time.monotonic()
             self._render()
+            controls = self._controls
             out: list[bytes] = []
             for kind in TASK_KINDS:
-                name = f"celery_task_{kind}_total"
-                out.append(f"# HELP {name} {COUNTER_DOCS[kind]}\n# TYPE {name} counter\n".encode())
-                _append_text(out, self.counts[kind], self._count_text[kind])
+                name = COUNTERS[kind]
+                if controls.is_on(name):
+                    out.append(f"# HELP {name} {COUNTER_DOCS[kind]}\n# TYPE {name} counter\n".encode())
+                    append_text(out, self.counts[kind], self._count_text[kind])
             for attr, name, doc, _names in HISTOGRAMS:
-                getattr(self, attr).exposition(out, name, doc)
+                if controls.is_on(name):
+                    getattr(self, attr).exposition(out, name, doc)
+            self._served()
             return b"".join(out)
+
+    def _served(self) -> None:
+        """The body is out: series it served at 0 show their counts from the next render on."""
+        for kind in TASK_KINDS:
+            born = self._born[kind]
+            if born:
+                self._unserved[kind].difference_update(born)
+                self._count_dirty[kind].update(born)
+                born.clear()
+        for attr, _name, _doc, _names in HISTOGRAMS:
+            getattr(self, attr).served()
 
     def prerender(self, warm_for: float, backlog: int) -> bool:
         """Render what changed, ahead of the next scrape, once that is more than ``backlog``
@@ -265,12 +322,16 @@ class EventMetrics(Sink):
         text = self._labels
         for kind in TASK_KINDS:
             dirty, series, rendered = self._count_dirty[kind], self.counts[kind], self._count_text[kind]
-            name = f"celery_task_{kind}_total"
+            unserved, born = self._unserved[kind], self._born[kind]
+            name = COUNTERS[kind]
             names = FAILED_LABELS if kind == "failed" else BASE_LABELS
             while dirty:
                 labels = dirty.pop()  # atomic: an update from now on marks the series again
                 value = series.get(labels)
                 if value is not None:
+                    if labels in unserved:
+                        value = 0
+                        born.add(labels)
                     try:
                         rendered[labels] = f"{name}{{{text(names, labels)}}} {value}\n".encode()
                     except (AttributeError, TypeError, UnicodeError):
@@ -283,37 +344,29 @@ class EventMetrics(Sink):
         text = self._label_text.get(key)
         if text is None:
             text = self._label_text[key] = ",".join(
-                f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)
-            )
+                f'{n}="{escape(v)}"' for n, v in zip(names, values, strict=True) if v is not None
+            ) + self._static_text
         return text
-
-
-def _append_text(out: list[bytes], series: dict[Labels, Any], text: dict[Labels, bytes]) -> None:
-    """Append the text of ``series`` in their order; text of forgotten series is dropped.
-
-    A series created after the last render has no text yet and is left to the next scrape.
-    """
-    out += filter(None, map(text.get, list(series)))
-    if len(text) > len(series):  # a render raced with forget_hostname
-        for labels in [k for k in text if k not in series]:
-            del text[labels]
 
 
 BASE_LABELS = ("name", "hostname", "queue_name")
 FAILED_LABELS = (*BASE_LABELS, "exception")
-COUNTER_DOCS = {kind: f"Tasks {kind} (task-{kind} events)." for kind in TASK_KINDS}
+COUNTER_DOCS = {
+    "sent": "Tasks sent by producers (task-sent events, which the app sends with task_send_sent_event).",
+    "received": "Tasks a worker received (task-received events).",
+    "started": "Tasks a worker started (task-started events).",
+    "succeeded": "Tasks that succeeded (task-succeeded events).",
+    "failed": "Tasks that failed (task-failed events), by exception class.",
+    "retried": "Tasks a worker retried (task-retried events).",
+    "rejected": "Tasks a worker rejected (task-rejected events).",
+    "revoked": "Tasks revoked (task-revoked events).",
+}
 HISTOGRAMS = (
-    ("runtime", "celery_task_runtime", "Task runtime in seconds.", BASE_LABELS),
-    ("queue_wait", "celery_task_queue_wait_time", "Seconds from sent (or eta, or received) to started.", BASE_LABELS),
-    ("latency", "celery_task_latency_seconds",
-     "Queue wait by queue and task class (normal/heavy), for comparison with thresholds.",
-     ("queue_name", "task_class")),
+    ("runtime", RUNTIME, "Task runtime in seconds, as the worker reports it in task-succeeded.", BASE_LABELS),
+    ("queue_wait", QUEUE_WAIT,
+     "Seconds a task waited to start: from task-sent (or its eta, or task-received when the app sends no "
+     "task-sent) to task-started.", BASE_LABELS),
+    ("latency", LATENCY,
+     "The same queue wait by queue and task class (normal/heavy): its p95 is judged against the latency "
+     "thresholds.", ("queue_name", "task_class")),
 )
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _fmt(bound: float) -> str:
-    return repr(float(bound))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from celery_sidecar.exporters.event_metrics import EventMetrics
-from celery_sidecar.monitor.config import LiveConfig
+from celery_sidecar.monitor.config.settings import LiveConfig
 
 
 class TaskClassCollector:
@@ -28,12 +28,11 @@ class TaskClassCollector:
         config = self._config.current
         family = GaugeMetricFamily(
             "celery_task_class",
-            "1 per task name and queue: the latency threshold class (normal/heavy) the task is judged by.",
+            "1 per task name and queue: the latency threshold class the task is judged by (normal, or heavy "
+            "by heavy_tasks / heavy_queues).",
             labels=["name", "queue_name", "task_class"],
         )
         # Every kind: a task only ever sent (no worker consumes its queue) has a class too.
-        # list(): the event thread may add series while a scrape iterates.
-        pairs = {(key[0], key[2]) for series in list(self._metrics.counts.values()) for key in list(series)}
-        for name, queue in sorted(pairs):
+        for name, queue in sorted(self._metrics.name_queue_pairs()):
             family.add_metric([name, queue, "heavy" if config.is_heavy(name, queue) else "normal"], 1.0)
         yield family

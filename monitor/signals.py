@@ -14,7 +14,7 @@ Everything else is derived from it:
 - the README's threshold table is ``markdown_table()`` (scripts/generate rewrites it);
 - the Grafana dashboards' threshold lines: grafana/dashboards.py builds their queries from
   ``thresholds()`` rows, at build time;
-- the dashboard an alert links to (``subject``, through monitor/dashboard_links.py);
+- the dashboard an alert links to (``subject``, through monitor/config/dashboard_links.py);
 - and tests/test_signals.py checks that the shipped Prometheus rules judge each signal
   against the same ``celery_threshold`` series.
 
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from celery_sidecar.monitor.config import Config
+    from celery_sidecar.monitor.config.settings import Config
     from celery_sidecar.monitor.view import Snapshot
 
 Severity = Literal["info", "warning", "critical"]
 Unit = Literal["s", "%", "ratio", "messages"]
-# What a Reading's subject names; monitor/dashboard_links.py maps it to a dashboard variable.
-Subject = Literal["task_class", "queue", "worker", "task"]
+# What a Reading's subject names; monitor/config/dashboard_links.py maps it to a dashboard variable.
+Subject = Literal["task_class", "queue", "worker", "task", "stream", "worker_queue"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ class Signal:
     subject: Subject  # what each Reading.subject is: alert links open the dashboard on it
     thresholds: Callable[[Config, Iterable[str]], list[Threshold]]
     read: Callable[[Snapshot, Config], Iterator[Reading]]
+    # A gauge that carries the sidecar's own verdict, when the signal needs state Prometheus
+    # does not have (what each worker received when): its Prometheus alert judges that gauge
+    # and quotes the threshold, instead of comparing a value with it again.
+    decided_by: str | None = None
 
 
 # -- the readers ------------------------------------------------------------------------
@@ -153,6 +157,43 @@ def _retry_rate(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
             yield Reading(name, ratio, limit, f"{name} retried {hits} of {total} times ({ratio:.0%})")
 
 
+def _missed_thresholds(cfg: Config, queues: Iterable[str]) -> list[Threshold]:
+    t = cfg.thresholds
+    return [Threshold("events_missed_ratio", "limit", t.events_missed_percent / 100.0),
+            Threshold("events_missed_min", "limit", float(t.events_missed_min))]
+
+
+def _events_missed(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
+    t, stream = cfg.thresholds, snap.stream
+    share = stream.window_share
+    # A handful of misses in a quiet window is no incomplete stream: judge only past the floor.
+    if share is not None and stream.window_missed >= t.events_missed_min:
+        yield Reading(
+            snap.intake.broker or "the event stream", share, t.events_missed_percent / 100.0,
+            f"{stream.window_missed} of {stream.window_expected} task events the workers' own counts account "
+            f"for never arrived in the last {stream.window_seconds:.0f} s ({share:.1%}); likely cause: "
+            f"{stream.likely_cause(snap.intake)}. Counts, stuck tasks and latencies over that time are "
+            "incomplete.",
+        )
+
+
+def _consuming_thresholds(cfg: Config, queues: Iterable[str]) -> list[Threshold]:
+    return [Threshold("not_consuming_seconds", "limit", cfg.thresholds.not_consuming_seconds)]
+
+
+def _not_consuming(snap: Snapshot, cfg: Config) -> Iterator[Reading]:
+    limit = cfg.thresholds.not_consuming_seconds
+    for row in snap.consuming:
+        if not row.consuming:
+            yield Reading(
+                f"{row.hostname} on {row.queue}", row.idle_seconds, limit,
+                f"{row.hostname} heartbeats, has free pool slots and lists queue {row.queue}, yet received "
+                f"nothing from it for {row.idle_seconds:.0f} s while its oldest task waited "
+                f"{row.waited_seconds:.0f} s: its consumer is likely dead (a broker reconnect it did not "
+                "recover from). Restart the worker, or cancel_consumer and add_consumer for the queue",
+            )
+
+
 # -- the table ----------------------------------------------------------------------------
 
 SIGNALS: tuple[Signal, ...] = (
@@ -202,13 +243,29 @@ SIGNALS: tuple[Signal, ...] = (
         subject="task",
         thresholds=_retry_thresholds, read=_retry_rate,
     ),
+    Signal(
+        rule="events_missed", title="Event stream incomplete", unit="ratio",
+        defaults=RuleDefaults("warning", 0, 300), prometheus_alert="CeleryEventStreamIncomplete",
+        compares="task events missed / expected by the workers' own processed counts over "
+                 "state.stream_window_seconds, once events_missed_min were missed in it",
+        subject="stream",
+        thresholds=_missed_thresholds, read=_events_missed,
+    ),
+    Signal(
+        rule="worker_not_consuming", title="Worker not consuming", unit="s",
+        defaults=RuleDefaults("critical", 0, 0), prometheus_alert="CeleryWorkerNotConsuming",
+        compares="seconds a live worker with free pool slots received nothing from a queue it lists, while "
+                 "the queue's tasks waited as long",
+        subject="worker_queue",
+        thresholds=_consuming_thresholds, read=_not_consuming, decided_by="celery_worker_consuming",
+    ),
 )
 
 # Alert rules that are not threshold signals: they fire on events.
 EVENT_RULES: dict[str, RuleDefaults] = {
     "task_failed": RuleDefaults("warning"),
     "worker_offline": RuleDefaults("critical"),
-    "worker_shutdown": RuleDefaults("info"),
+    "worker_shutdown": RuleDefaults("info", for_seconds=60),  # posted only if it stays away this long
     "task_stuck": RuleDefaults("warning"),  # running past thresholds.task_runtime_seconds
     "tasks_lost": RuleDefaults("warning"),  # started on a worker that went down, not finished
     "beat_missed": RuleDefaults("warning"),  # a periodic task's run did not come by due + grace
@@ -240,7 +297,8 @@ def markdown_table(cfg: Config) -> str:
     lines = ["| alert rule | compares | default | exported as | Prometheus alert |", "|---|---|---|---|---|"]
     for signal in SIGNALS:
         rows = signal.thresholds(cfg, ["celery"])
-        default = " / ".join(format_value(r.value, "messages" if r.signal.endswith("outcomes") else signal.unit)
+        counts = ("outcomes", "_min")  # floors are counts, whatever the signal's unit
+        default = " / ".join(format_value(r.value, "messages" if r.signal.endswith(counts) else signal.unit)
                              for r in rows)
         exported = "<br>".join(
             f'`celery_threshold{{signal="{r.signal}",level="{r.level}"'

@@ -9,10 +9,15 @@ and no reader can see a half-applied event.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
-from celery_sidecar.monitor.pipeline import Pipeline
-from celery_sidecar.monitor.state import MAX_STUCK, QueueReading, Unacked
+from celery_sidecar.monitor.fold.pipeline import Pipeline
+from celery_sidecar.monitor.fold.records import QueueReading, Unacked
+from celery_sidecar.monitor.fold.state import MAX_STUCK, State
+from celery_sidecar.monitor.load import Consuming, QueueLoad, consuming, queue_loads
+
+MAX_CANDIDATES = 10_000  # tasks past their limit looked at per snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,41 @@ class StuckTask:
     started_at: float  # our clock
     runtime: float
     limit: float
+    confirmed: str  # how the worker confirmed it (monitor/fold/held.py): "its worker says ..."
+
+
+@dataclass(frozen=True, slots=True)
+class StreamView:
+    """How complete the event stream is, by the workers' own counts (monitor/fold/crosscheck.py)."""
+
+    expected: int  # task-started events the workers' heartbeats account for, since the sidecar started
+    missed: int  # ... that never arrived, plus end events never seen (end_unseen)
+    end_unseen: int  # running tasks their worker no longer held, closed without their end event
+    by_worker: dict[str, tuple[int, int]]  # hostname -> (expected, missed)
+    window_seconds: float
+    window_expected: int
+    window_missed: int
+    window_reconnects: int
+    window_lag: float  # the worst consumer lag in the window
+
+    @property
+    def window_share(self) -> float | None:
+        return self.window_missed / self.window_expected if self.window_expected else None
+
+    def likely_cause(self, intake: IntakeView) -> str:
+        """What the sidecar saw that explains a loss, in words an operator can act on."""
+        if self.window_reconnects:
+            error = f" (last: {intake.last_disconnect})" if intake.last_disconnect else ""
+            if intake.path in ("redis-fast", "stock") and "redis" in intake.broker:
+                return (f"the sidecar reconnected {self.window_reconnects} time(s){error}: Redis pub/sub keeps "
+                        "nothing for a subscriber that is away, and Redis drops a subscriber that falls behind "
+                        "(client-output-buffer-limit pubsub)")
+            return f"the sidecar reconnected {self.window_reconnects} time(s){error}: events sent meanwhile are gone"
+        if self.window_lag > 10:
+            return (f"the sidecar fell {self.window_lag:.0f} s behind the stream: on RabbitMQ its event queue "
+                    "drops the oldest events when full (--event-queue-max-bytes, --event-queue-ttl)")
+        return ("no reconnect or lag on the sidecar's side: events were lost between the workers and the "
+                "broker (a worker's broker connection, or the broker itself)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +115,7 @@ class IntakeView:
     connected: bool
     reconnects: int
     last_error: str | None
+    last_disconnect: str | None  # what ended the last connection, after it came back
     events_by_type: dict[str, int]
     skipped_by_reason: dict[str, int]
     last_event_at: float | None
@@ -112,7 +153,12 @@ class Snapshot:
     redelivered: dict[tuple[str, str], int]  # (task name, queue) -> tasks received again
     unacked: Unacked | None  # Redis only
     beat: tuple[BeatEntryView, ...]
-    beat_down_since: float | None  # two entries missed since any run (monitor/beat.py)
+    beat_down_since: float | None  # two entries missed since any run (monitor/fold/beat.py)
+    stream: StreamView
+    end_unseen: dict[tuple[str, str], int]  # (task name, queue) -> running tasks closed without their end event
+    closed_unseen: frozenset[str]  # recently closed that way: why a stuck alert resolved
+    loads: dict[str, QueueLoad]  # every known queue's demand, capacity and workers desired (monitor/load.py)
+    consuming: tuple[Consuming, ...]  # per live worker and queue it lists: does it take tasks from it
 
     def retry_ratio(self, name: str) -> float | None:
         hits, total = self.retries.get(name, (0, 0))
@@ -125,6 +171,12 @@ class StateView:
 
     def snapshot(self, now: float | None = None) -> Snapshot:
         pipeline = self._pipeline
+        # Within a tick every sink that asks gets the tick's one snapshot: the state cannot change
+        # under the lock the tick holds, and a snapshot costs O(workers + names + queues).
+        ticking = pipeline.ticking_thread == threading.get_ident()
+        shared = pipeline.tick_snapshot if ticking else None
+        if shared is not None and (now is None or now == shared.at):
+            return shared
         now = pipeline.clock() if now is None else now
         status = pipeline.status
         with pipeline.lock:
@@ -132,14 +184,15 @@ class StateView:
             counters = state.counters
             workers = tuple(
                 WorkerView(w.hostname, w.alive, w.active, w.pool_max, w.cpu_percent, w.memory_percent,
-                           w.rss_bytes, w.queues, not state.task_events_missing(w, now))
+                           w.rss_bytes, w.queues, not state.worker_fold.task_events_missing(w, now))
                 for w in state.workers.values()
             )
-            retries = {name: window.counts(now) for name, window in state.retry_windows.items()}
-            latency = {c: window.quantile(0.95, now) for c, window in state.latency_windows.items()}
+            retries = {name: window.counts(now) for name, window in state.task_fold.retry_windows.items()}
+            latency = {c: window.quantile(0.95, now) for c, window in state.task_fold.latency_windows.items()}
             intake = IntakeView(
                 path=status.intake, broker=status.broker, connected=status.connected,
                 reconnects=status.reconnects, last_error=status.last_error,
+                last_disconnect=status.last_disconnect,
                 events_by_type=dict(counters.events_by_type), skipped_by_reason=dict(counters.skipped_by_reason),
                 last_event_at=counters.last_event_at, last_event_lag=counters.last_event_lag,
                 tasks_in_memory=len(state.tasks), latency_source=state.latency_source(now),
@@ -147,26 +200,62 @@ class StateView:
             )
             cfg = state.config
             limit = state.runtime_limit
-            queues = {*state.known_queues(), *state.waiting.queues()}
+            queues = {*state.known_queues(), *state.task_fold.waiting.queues()}
             queue_ages = {q: QueueAge(*state.queue_age(q, now)) for q in sorted(queues)}
-            running = _capped_running(state.running.by_name(now, limit), cfg.cardinality.max_task_names)
-            stuck = tuple(StuckTask(uuid, name, host, started, now - started, limit(name))
-                          for uuid, name, host, started in state.running.stuck(now, limit, MAX_STUCK))
+            loads = queue_loads(state, now, set(queues))
+            waited = {q: max(age.seconds, now - state.queue_fold.nonempty_since.get(q, now))
+                      for q, age in queue_ages.items()}
+            stuck, stuck_by_name = _confirmed_stuck(state, now)
+            rows = ((name, n, oldest, stuck_by_name.get(name, 0))
+                    for name, n, oldest, _unconfirmed in state.task_fold.running.by_name(now, limit))
+            running = _capped_running(rows, cfg.cardinality.max_task_names)
             snap = Snapshot(
                 at=now, started_at=status.started_at, workers=workers, retries=retries, latency_p95=latency,
-                queues=dict(state.queue_readings), queue_probe_at=state.queue_probe_at,
-                probe_errors=dict(state.probe_errors), known_queues=tuple(state.known_queues()),
+                queues=dict(state.queue_fold.readings), queue_probe_at=state.queue_fold.probe_at,
+                probe_errors=dict(state.queue_fold.probe_errors), known_queues=tuple(state.known_queues()),
                 intake=intake,
                 config=ConfigView(status.config_path, status.config_error, dict(status.reloads)),
                 last_tick_at=pipeline.last_tick_at,
-                queue_ages=queue_ages, running=running, stuck=stuck, lost=dict(state.lost),
-                redelivered=dict(state.redelivered), unacked=state.unacked,
+                queue_ages=queue_ages, running=running, stuck=stuck, lost=dict(state.task_fold.lost),
+                redelivered=dict(state.task_fold.redelivered), unacked=state.queue_fold.unacked,
                 beat=tuple(BeatEntryView(name, e.entry.task, e.entry.source, e.next_due, e.period, e.grace,
                                          e.last_run, e.late, e.missed_total, e.missing_since)
                            for name, e in state.beat.entries.items()),
                 beat_down_since=state.beat.down_since,
+                stream=_stream(state), end_unseen=dict(state.task_fold.end_unseen),
+                closed_unseen=frozenset(state.task_fold.held.closed),
+                loads=loads, consuming=tuple(consuming(state, now, waited)),
             )
+        if ticking:
+            pipeline.tick_snapshot = snap
         return snap
+
+
+def _confirmed_stuck(state: State, now: float) -> tuple[tuple[StuckTask, ...], dict[str, int]]:
+    """Tasks past their limit that their worker confirmed (or could not deny): no phantoms.
+    (at most MAX_STUCK of them, how many per task name)."""
+    held, limit = state.task_fold.held, state.runtime_limit
+    found: list[StuckTask] = []
+    per_name: dict[str, int] = {}
+    for uuid, name, host, started in state.task_fold.running.stuck(now, limit, MAX_CANDIDATES):
+        cap = limit(name)
+        why = held.confirmed(uuid, host, started, cap)
+        if why is not None:
+            per_name[name] = per_name.get(name, 0) + 1
+            if len(found) < MAX_STUCK:
+                found.append(StuckTask(uuid, name, host, started, now - started, cap, why))
+    return tuple(found), per_name
+
+
+def _stream(state: State) -> StreamView:
+    check, window = state.worker_fold.stream, state.stream_window
+    expected, missed, reconnects, lag = window.delta()
+    return StreamView(
+        expected=check.expected, missed=check.missed, end_unseen=check.end_unseen,
+        by_worker={host: (t.expected, t.missed) for host, t in check.tallies.items()},
+        window_seconds=window.seconds, window_expected=expected, window_missed=missed,
+        window_reconnects=reconnects, window_lag=lag,
+    )
 
 
 def _capped_running(rows, cap: int) -> dict[str, RunningView]:

@@ -23,8 +23,8 @@ from celery import Celery
 from celery.app.utils import find_app
 from celery.schedules import maybe_schedule
 
-from celery_sidecar.monitor.app_defaults import AppDefaults
-from celery_sidecar.monitor.beat import Entry
+from celery_sidecar.monitor.config.app_settings import AppDefaults
+from celery_sidecar.monitor.config.beat_entries import Entry
 
 
 class AppError(Exception):
@@ -37,6 +37,7 @@ class AppSettings:
 
     broker_url: str | None
     transport_options: dict[str, Any] = field(default_factory=dict)
+    broker_use_ssl: Any = None  # the app's TLS options for the broker (CA, client certificate and key)
     defaults: AppDefaults = field(default_factory=AppDefaults)
 
 
@@ -75,12 +76,16 @@ def read(app: Celery) -> AppSettings:
         return AppSettings(
             broker_url=conf.broker_read_url or conf.broker_url,
             transport_options=dict(conf.broker_transport_options or {}),
+            broker_use_ssl=conf.broker_use_ssl or None,
             defaults=AppDefaults(
                 queues=tuple(sorted(_queues(app))),
                 beat=tuple(_beat(app)),
                 time_limits=_time_limits(app),
                 default_time_limit=float(conf.task_time_limit) if conf.task_time_limit else None,
                 timezone=str(conf.timezone or "UTC"),
+                routed=_routed(app),
+                route_patterns=tuple(_route_patterns(app)),
+                default_queue=conf.task_default_queue or "celery",
             ),
         )
     except AppError:
@@ -106,6 +111,36 @@ def _queues(app: Celery) -> set[str]:
                 if isinstance(name, str):
                     queues.add(name)
     return queues
+
+
+def _routed(app: Celery) -> dict[str, str]:
+    """The queue of every task the app registered, by celery's own router (functions too)."""
+    routed = {}
+    for name in app.tasks:
+        if name.startswith("celery."):
+            continue
+        try:
+            queue = app.amqp.router.route({}, name).get("queue")
+        except Exception:  # noqa: BLE001 - a router that fails for a name: that name is unrouted
+            continue
+        queue = getattr(queue, "name", queue)
+        if isinstance(queue, str) and queue:
+            routed[name] = queue
+    return routed
+
+
+def _route_patterns(app: Celery) -> list[tuple[str, str]]:
+    """task_routes' dict entries, for task names the app did not register (sent by name)."""
+    patterns = []
+    routes = app.conf.task_routes or ()
+    for router in routes if isinstance(routes, list | tuple) else (routes,):
+        if isinstance(router, dict):
+            for pattern, route in router.items():
+                queue = route.get("queue") if isinstance(route, dict) else route
+                queue = getattr(queue, "name", queue)
+                if isinstance(pattern, str) and isinstance(queue, str):
+                    patterns.append((pattern, queue))
+    return patterns
 
 
 def _beat(app: Celery) -> list[Entry]:

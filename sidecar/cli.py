@@ -1,7 +1,9 @@
-"""`celery-sidecar` command line. Every flag also reads an environment variable.
+"""`celery-sidecar` command line: run, config, render, doctor, demo.
 
-This is the only module that reads the environment (through click's ``envvar``);
-everything below it receives typed settings.
+Every flag also reads an environment variable, through click's ``envvar``: the flags of
+``run`` live in running.py (shared with ``celery -A proj sidecar``), render's in render.py.
+The shell is the only part that reads the environment; everything below it receives typed
+settings.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from pathlib import Path
 
 import click
 
+from celery_sidecar.doctor import doctor_command
 from celery_sidecar.monitor.signals import thresholds
-from celery_sidecar.render import render_command
+from celery_sidecar.render_cli import render_command
 from celery_sidecar.running import broker_option, load_or_exit, run_options, setup_logging, start
 
 log = logging.getLogger("celery_sidecar")
@@ -49,16 +52,21 @@ def config() -> None:
 
 
 @config.command("check")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+# Any path: what cannot be read as a config file (a directory, a FIFO, bytes that are not
+# UTF-8) is refused by the loader in one line, as the hot reload refuses it.
+@click.argument("file", type=click.Path(path_type=Path))
 @click.option("--slack-webhook-url", envvar="SLACK_WEBHOOK_URL", show_envvar=True,
               help="Also validate this webhook URL.")
 def config_check(file: Path, slack_webhook_url: str | None) -> None:
-    """Validate FILE and print the effective thresholds."""
-    from celery_sidecar.alerts.blocks import check_templates
-    from celery_sidecar.alerts.slack import validate_webhook_url
+    """Validate FILE and print the effective thresholds. `celery-sidecar config example`
+    prints every key, with a comment on each."""
+    from celery_sidecar.alerts.delivery.blocks import check_templates
+    from celery_sidecar.alerts.delivery.slack import validate_webhook_url
+    from celery_sidecar.exporters.controls import check_controls
 
     cfg = load_or_exit(file)
     try:
+        check_controls(cfg)
         check_templates(cfg.alerts)
         if slack_webhook_url:
             validate_webhook_url(slack_webhook_url)
@@ -100,3 +108,4 @@ def demo(**opts) -> None:
 
 
 main.add_command(render_command, "render")
+main.add_command(doctor_command, "doctor")

@@ -5,6 +5,11 @@ Beat running sidecar/demo_tasks.py, a producer that keeps sending tasks that suc
 retry and run slowly, and the sidecar itself (reading the app's settings, as
 ``celery -A proj sidecar`` does); then draws a live summary until Ctrl-C or --duration.
 Everything it started is stopped and its temp files removed on the way out.
+
+The demo is private: environment variables that would point it, or the celery processes it
+starts, at another broker, result backend, config or state directory are ignored (and
+removed from its children's environment), so it touches nothing but its private Redis and
+its temp dir. Only its flags configure it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
+import click
+from click.core import ParameterSource
+
 from celery_sidecar.app import read
-from celery_sidecar.embedded_redis import EmbeddedRedis, free_port
-from celery_sidecar.monitor.config import load_config, parse_config
+from celery_sidecar.demo_summary import final_summary, raised_thresholds, summary
+from celery_sidecar.embedded_redis import EmbeddedRedis
+from celery_sidecar.monitor.config.settings import parse_config
+from celery_sidecar.running import load_or_exit
 from celery_sidecar.wiring import RunSettings, Sidecar
 
 # Without --config: the documented defaults, except that demo.stuck may run 10 s (it runs 25),
@@ -34,6 +45,18 @@ DEMO_CONFIG = {"heavy_queues": ["heavy"],
                "thresholds": {"task_runtime_seconds": {"overrides": {"demo.stuck": 10}}},
                "beat": [{"entry": "demo-audit", "task": "demo.audit", "every": 15}]}
 STUCK_EVERY = 60.0  # seconds between two demo.stuck tasks
+STATUS_EVERY = 5.0  # seconds between two status lines when there is no live summary
+
+# What celery and the sidecar read from the environment that could send the demo elsewhere:
+# celery's settings (CELERY_BROKER_URL, CELERY_RESULT_BACKEND, CELERY_BROKER_READ_URL,
+# CELERY_CONFIG_MODULE, CELERY_LOADER...) and its subcommands' options (CELERY_WORKER_STATEDB,
+# CELERY_BEAT_SCHEDULE, pid and log files...); its global options (BROKER_URL, RESULT_BACKEND,
+# APP, LOADER, CONFIG_MODULE, SKIP_CHECKS); DJANGO_SETTINGS_MODULE, which makes celery import a
+# Django project; the sidecar's SIDECAR_* (state dir, config, broker) and SLACK_* (the demo's
+# alerts go to the console only).
+FOREIGN_PREFIXES = ("CELERY_", "SIDECAR_", "SLACK_")
+FOREIGN_NAMES = frozenset({"BROKER_URL", "RESULT_BACKEND", "APP", "LOADER", "CONFIG_MODULE", "SKIP_CHECKS",
+                           "DJANGO_SETTINGS_MODULE"})
 
 # (task name, kwargs, weight): a mix with ~10 % failures and ~15 % flaky retries.
 TRAFFIC = [
@@ -45,23 +68,73 @@ TRAFFIC = [
 ]
 
 
+def foreign_variables(environ: Mapping[str, str]) -> list[str]:
+    """The variables of ``environ`` the demo ignores, sorted."""
+    return sorted(k for k in environ if k.startswith(FOREIGN_PREFIXES) or k in FOREIGN_NAMES)
+
+
+@contextlib.contextmanager
+def _environment_without(names: Collection[str]) -> Iterator[None]:
+    """This process's environment without ``names`` while the demo runs.
+
+    Celery reads CELERY_BROKER_URL and CELERY_RESULT_BACKEND from os.environ on every
+    connection, ahead of an app's own settings: the producer's and the sidecar's Celery apps
+    would use them in spite of the broker URL they were given.
+    """
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _from_environment(param: str) -> bool:
+    """Whether the running click command took ``param`` from an environment variable."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(param) is ParameterSource.ENVIRONMENT
+
+
+def _param_default(param: str, fallback: int) -> int:
+    ctx = click.get_current_context(silent=True)
+    for option in ctx.command.params if ctx is not None else ():
+        if option.name == param:
+            return option.get_default(ctx) or fallback
+    return fallback
+
+
 class _AlertLog(logging.Handler):
-    """Keeps the last alert lines for the summary instead of scrolling them past it."""
+    """Keeps the last alert lines for the summary instead of scrolling them past it, and counts them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lines: deque[str] = deque(maxlen=6)
+        self.raised: Counter[str] = Counter()  # by title up to its first colon: "Task failed"
+        self.resolved = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         first = record.getMessage().splitlines()[0]
         self.lines.append(f"{time.strftime('%H:%M:%S', time.localtime(record.created))} {first}")
+        # The console's first line is "[SEVERITY] title" (alerts/delivery/templates/default.txt.j2).
+        title = first.split("] ", 1)[-1]
+        if title.lower().startswith("resolved"):
+            self.resolved += 1
+        else:
+            self.raised[title.split(":", 1)[0]] += 1
 
 
 class Demo:
     def __init__(self, broker_url: str | None, port: int, duration: float | None, config_path: Path | None,
                  rate: float, no_summary: bool) -> None:
+        # The command's flags also read environment variables; from there they are ignored too.
+        self.ignored = foreign_variables(os.environ)
+        if _from_environment("broker_url"):
+            broker_url = None
+        if _from_environment("config_path"):
+            config_path = None
+        if _from_environment("port"):
+            port = _param_default("port", 9808)
         self.broker_url = broker_url
-        self.port = port or free_port()
+        self.port = port
         self.duration = duration
         self.config_path = config_path
         self.rate = rate
@@ -70,61 +143,97 @@ class Demo:
         self.redis: EmbeddedRedis | None = None
         self.worker: subprocess.Popen | None = None
         self.beat: subprocess.Popen | None = None
-        self.workdir = tempfile.TemporaryDirectory(prefix="celery-sidecar-demo-")
+        self.producer: threading.Thread | None = None
+        self.workdir: tempfile.TemporaryDirectory | None = None
         self.sidecar: Sidecar | None = None
+        self.running = False  # everything started: the way out reports what it stops
+        self.started_at = time.monotonic()
         self.sent = 0
         self.alert_log = _AlertLog()
 
     def run(self) -> None:
+        if self.ignored:
+            where = "the broker of --broker-url" if self.broker_url else "its own private Redis"
+            print(f"the demo ignores {', '.join(self.ignored)} from the environment: it runs on {where} "
+                  "and its own temp dir")
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stop.set())
-        try:
-            self._start()
-            self._loop()
-        finally:
-            self._shutdown()
+        with _environment_without(self.ignored):
+            try:
+                self._start()
+                self._loop()
+            finally:
+                self._shutdown()
 
     # -- start and stop -----------------------------------------------------------------
 
     def _start(self) -> None:
-        if self.broker_url is None:
-            self.redis = EmbeddedRedis().start()
-            self.broker_url = self.redis.url
-            print(f"started a private Redis at {self.broker_url}")
-        config = load_config(self.config_path) if self.config_path else parse_config(DEMO_CONFIG, "demo defaults")
+        config = load_or_exit(self.config_path) if self.config_path else parse_config(DEMO_CONFIG, "demo defaults")
+        self.workdir = tempfile.TemporaryDirectory(prefix="celery-sidecar-demo-")
+        broker_url = self.broker_url
+        if broker_url is None:
+            self.redis = EmbeddedRedis()
+            try:
+                self.redis.start()
+            except (OSError, RuntimeError) as exc:
+                raise click.ClickException(f"cannot start the demo's private Redis: {exc}") from None
+            broker_url = self.redis.url
         from celery_sidecar.demo_tasks import app
 
-        self.sidecar = Sidecar(
-            RunSettings(broker_url=self.broker_url, port=self.port, config_path=self.config_path,
-                        app=read(app).defaults, probe_interval=2.0, inspect_interval=10.0,
-                        state_dir=Path(self.workdir.name)),
-            config,
-        )
+        # The producer runs here on the demo app: its broker is the demo's, whatever the
+        # module read at import.
+        app.conf.broker_url = broker_url
+        try:
+            self.sidecar = Sidecar(
+                RunSettings(broker_url=broker_url, port=self.port, config_path=self.config_path,
+                            app=read(app).defaults, probe_interval=2.0, inspect_interval=10.0,
+                            state_dir=Path(self.workdir.name)),
+                config,
+            )
+        except OSError as exc:
+            hint = "; --port 0 picks a free port" if self.port else ""
+            raise click.ClickException(f"{exc}{hint}") from None
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        if self.redis is not None:
+            print(f"started a private Redis at {broker_url}")
         logging.getLogger("alerts.console").addHandler(self.alert_log)
         logging.getLogger("alerts.console").propagate = not self.live
+        self.started_at = time.monotonic()
+        self.running = True
         self.sidecar.start()
-        env = {**os.environ, "CELERY_BROKER_URL": self.broker_url}
+        env = {k: v for k, v in os.environ.items() if k not in self.ignored}
+        env["CELERY_BROKER_URL"] = broker_url
         self.worker = self._celery(env, "worker", "-E", "-Q", "celery,heavy", "-c", "4", "-n", "demo-worker@%h",
                                    "--without-gossip", "--without-mingle")
         self.beat = self._celery(env, "beat", "-s", str(Path(self.workdir.name) / "celerybeat-schedule"))
-        print(f"metrics: http://127.0.0.1:{self.port}/metrics   health: http://127.0.0.1:{self.port}/health")
+        port = self.sidecar.http.port
+        print(f"metrics: http://127.0.0.1:{port}/metrics   health: http://127.0.0.1:{port}/health")
         until = "" if self.duration is None else f" for {self.duration:g} s"
-        print(f"demo worker and Beat started; sending tasks{until}")
-        threading.Thread(target=self._produce, name="producer", daemon=True).start()
+        print(f"demo worker and Beat started; sending tasks{until}", flush=True)
+        self.producer = threading.Thread(target=self._produce, args=(app,), name="producer", daemon=True)
+        self.producer.start()
 
-    @staticmethod
-    def _celery(env: dict[str, str], *args: str) -> subprocess.Popen:
+    def _celery(self, env: dict[str, str], *args: str) -> subprocess.Popen:
+        assert self.workdir is not None
+        # In the temp dir, so nothing celery writes by default lands where the demo was started.
         return subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "celery_sidecar.demo_tasks", *args, "--loglevel=WARNING"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env=env, cwd=self.workdir.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def _shutdown(self) -> None:
         self.stop.set()
-        print("\nstopping the demo...")
+        elapsed = time.monotonic() - self.started_at
+        if self.running:
+            print("\nstopping the demo...")
         # The sidecar goes first, so the worker's shutdown is not reported as an incident.
-        if self.sidecar is not None:
+        if self.sidecar is not None and self.running:
             self.sidecar.stop()
+        if self.producer is not None:
+            # Before the environment comes back: a send after that could reach another broker.
+            self.producer.join(10)
         if self.beat is not None and self.beat.poll() is None:
             self.beat.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -142,15 +251,18 @@ class Demo:
             self.worker.wait(5)
         if self.redis is not None:
             self.redis.cleanup()
-        self.workdir.cleanup()
-        print("demo stopped: worker, Beat, sidecar and private Redis are gone")
+        if self.workdir is not None:
+            self.workdir.cleanup()
+        logging.getLogger("alerts.console").removeHandler(self.alert_log)
+        if self.running and self.sidecar is not None:
+            print(final_summary(self.sidecar.view.snapshot(), elapsed, self.sent, self.alert_log,
+                                private=self.redis is not None, alerts_logged=not self.live))
+            gone = ["worker", "Beat", "sidecar"] + (["private Redis"] if self.redis is not None else [])
+            print(f"demo stopped: {', '.join(gone[:-1])} and {gone[-1]} are gone", flush=True)
 
     # -- traffic and summary --------------------------------------------------------------
 
-    def _produce(self) -> None:
-        from celery_sidecar.demo_tasks import app
-
-        app.conf.broker_url = self.broker_url
+    def _produce(self, app) -> None:
         names = [t[0] for t in TRAFFIC]
         weights = [t[2] for t in TRAFFIC]
         kwargs = {t[0]: t[1] for t in TRAFFIC}
@@ -167,80 +279,28 @@ class Demo:
                     print(f"producer: {exc}", file=sys.stderr)
 
     def _loop(self) -> None:
-        started = time.monotonic()
-        while not self.stop.wait(1.0 if self.live else 5.0):
+        every = 1.0 if self.live else STATUS_EVERY
+        deadline = None if self.duration is None else self.started_at + self.duration
+        while True:
+            timeout = every if deadline is None else max(0.0, min(every, deadline - time.monotonic()))
+            if self.stop.wait(timeout):
+                break
             for name, process in (("worker", self.worker), ("Beat", self.beat)):
                 if process is not None and process.poll() is not None:
                     print(f"the demo {name} exited unexpectedly", file=sys.stderr)
                     self.stop.set()
             if self.stop.is_set():
                 break
-            self._draw(time.monotonic() - started)
-            if self.duration is not None and time.monotonic() - started >= self.duration:
+            self._draw(time.monotonic() - self.started_at)
+            if deadline is not None and time.monotonic() >= deadline:
                 break
 
     def _draw(self, elapsed: float) -> None:
-        text = summary(self.sidecar, elapsed, self.sent, list(self.alert_log.lines))
+        assert self.sidecar is not None
+        text = summary(self.sidecar.config.current, self.sidecar.view.snapshot(), elapsed, self.sent,
+                       list(self.alert_log.lines), raised_thresholds(self.sidecar.alerts))
         if self.live:
             sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
         else:
             sys.stdout.write(text.splitlines()[0] + "\n")
         sys.stdout.flush()
-
-
-def summary(sidecar: Sidecar, elapsed: float, sent: int, alerts: list[str]) -> str:
-    """The live summary: workers, queues, latency and retry rate against thresholds."""
-    config = sidecar.config.current
-    snap = sidecar.view.snapshot()
-    t = config.thresholds
-    intake = snap.intake
-    events = sum(intake.events_by_type.values())
-    p95 = snap.latency_p95
-    retries = sorted(snap.retries.items())
-    flag = {True: "!!", False: "ok"}
-    lines = [
-        f"celery-sidecar demo  {elapsed:5.0f}s  tasks sent {sent}  events {events}  "
-        f"broker {'connected' if intake.connected else 'DISCONNECTED'}  latency from task-"
-        f"{intake.latency_source}",
-        "",
-        f"WORKERS       up    active  pool  cpu%   (< {t.worker_cpu_percent:g})  mem%  (< {t.worker_memory_percent:g})",
-    ]
-    for w in snap.workers:
-        lines.append(f"  {w.hostname[:28]:<28} {'up' if w.alive else 'DOWN':<5} {w.active:>3}/{w.pool_max or '?':<4}"
-                     f" {_num(w.cpu_percent):>6}  {_num(w.memory_percent):>6}")
-    lines += ["", "QUEUES        length   threshold normal/peak   oldest waiting (threshold)"]
-    for queue, reading in sorted(snap.queues.items()):
-        limits = config.queue_thresholds(queue)
-        age = snap.queue_ages.get(queue)
-        wait, wait_limit = (age.seconds, getattr(t.latency_seconds, age.task_class)) if age else (0.0, 0.0)
-        lines.append(f"  {queue:<12} {reading.length:>6}   {limits.normal}/{limits.peak}  "
-                     f"{flag[reading.length > limits.normal]}      {wait:6.1f}s (< {wait_limit:g}s) "
-                     f"{flag[wait > wait_limit] if age else ''}")
-    lines += ["", "RUNNING       now  longest so far   stuck (past its limit)"]
-    for name, running in sorted(snap.running.items()):
-        lines.append(f"  {name[:12]:<12} {running.running:>3}  {running.oldest_seconds:>8.1f}s       "
-                     f"{running.stuck}  {flag[running.stuck > 0]}")
-    lines += ["", "PERIODIC (Beat)   last run     next due in   late    missed"]
-    for entry in snap.beat:
-        last = "never" if entry.last_run is None else f"{snap.at - entry.last_run:5.0f}s ago"
-        lines.append(f"  {entry.entry[:16]:<16} {last:>10}   {entry.next_due - snap.at:>8.0f}s   "
-                     f"{entry.late:5.1f}s  {entry.missed_total:>4}  {flag[entry.missing_since is not None]}")
-    if snap.beat_down_since is not None:
-        lines.append("  !! Beat is not scheduling")
-    lines += ["", "LATENCY (p95 queue wait)"]
-    for task_class, limit in (("normal", t.latency_seconds.normal), ("heavy", t.latency_seconds.heavy)):
-        value = p95.get(task_class)
-        verdict = "" if value is None else flag[value > limit]
-        lines.append(f"  {task_class:<8} {_num(value, 's'):>8}  threshold {limit:g}s  {verdict}")
-    lines += ["", f"RETRY RATE (last {config.state.retry_window_seconds:g}s, threshold {t.retry_rate_percent:g}%)"]
-    for name, (hits, total) in retries:
-        ratio = hits / total if total else 0.0
-        lines.append(f"  {name:<16} {ratio:>6.1%}  ({hits}/{total})  {flag[ratio * 100 > t.retry_rate_percent]}")
-    lines += ["", "RECENT ALERTS (console; set SLACK_WEBHOOK_URL for Slack)"]
-    lines += [f"  {line}" for line in alerts] or ["  none"]
-    lines += ["", "Ctrl-C to stop"]
-    return "\n".join(lines)
-
-
-def _num(value: float | None, unit: str = "") -> str:
-    return "-" if value is None else f"{value:.1f}{unit}"

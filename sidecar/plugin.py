@@ -24,7 +24,7 @@ from celery import bootsteps
 
 log = logging.getLogger(__name__)
 
-EVENT_TYPE = "worker-resources"  # celery_sidecar.monitor.state.RESOURCE_EVENT (tests/test_packaging.py)
+EVENT_TYPE = "worker-resources"  # celery_sidecar.monitor.boundary.parse.RESOURCE_EVENT (tests/test_packaging.py)
 
 
 class ResourceUsage(bootsteps.StartStopStep):

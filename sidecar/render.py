@@ -3,25 +3,33 @@
 One render produces everything the compose stack (and the native test harness) runs
 from: the nginx config and its htpasswd, prometheus.yml and the alert rules (their
 ``dashboard_url`` links pointed at ``--grafana-url``), Grafana provisioning and dashboards
-and, when the Alertmanager profile is on, alertmanager.yml.
+and, when the Alertmanager profile is on, alertmanager.yml. With ``--kubernetes`` it writes
+Kubernetes manifests instead (sidecar/kubernetes.py), from the same rules and dashboards.
 The templates, rules and dashboards are the package's own data (sidecar/resources.py),
 so an installed wheel renders the stack without a source checkout. Only the click options
 read the environment; the render itself takes a `StackSettings`.
+
+Every problem with the settings is reported at once, in one message. The files holding a
+secret (the htpasswd, Alertmanager's webhook) are written readable by their owner only,
+unless the user who reads them is another one (``--share-secret-files``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import bcrypt
-import click
 import jinja2
 
-from celery_sidecar import resources
+from celery_sidecar import kubernetes, resources
+
+log = logging.getLogger(__name__)
 
 RULES_FILE = "celery-sidecar.yml"
 # The shipped rules' dashboard_url annotations start with this; render puts the Grafana URL there.
@@ -42,9 +50,30 @@ _URL_PATH = re.compile(r"^(/[A-Za-z0-9._-]+)+$")
 # Goes into YAML double quotes and a Go template: no quotes, backslashes, braces or whitespace.
 _GRAFANA_URL = re.compile(r"^https?://[^\s\"'\\{}<>`|^]+$")
 
+PLAIN_FILE_MODE = 0o644
+# Secret-bearing files: the htpasswd's bcrypt hashes can be attacked offline, and the webhook
+# URL is the credential itself.
+SECRET_FILE_MODE = 0o600
+# The compose stack's nginx workers (uid 101) and Alertmanager (nobody) read them from volumes
+# that the render container (uid 10001) wrote and that only they mount.
+SHARED_SECRET_FILE_MODE = 0o644
+
 
 class SettingsError(ValueError):
-    """A setting the stack cannot start with; the message names the variable, never a secret."""
+    """Settings the stack cannot start with; each problem names its variable, never a secret."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = problems
+        if len(problems) == 1:
+            message = problems[0]
+        else:
+            message = f"{len(problems)} settings are missing or invalid:\n" + "\n".join(f"  - {p}" for p in problems)
+        super().__init__(message)
+
+
+def variable_of(problem: str) -> str:
+    """The variable a problem names: each message starts with it."""
+    return re.split(r"[\s:]", problem, maxsplit=1)[0]
 
 
 @dataclass(frozen=True)
@@ -71,9 +100,16 @@ class StackSettings:
     slack_channel: str = ""
     alertmanager_secret_path: str = "/etc/alertmanager/rendered/slack_webhook_url"
     grafana_url: str = DEFAULT_GRAFANA_URL  # where users reach Grafana: the alerts' dashboard links
+    share_secret_files: bool = False  # another user reads htpasswd and the webhook file
 
     def __post_init__(self) -> None:
-        _check_settings(self)
+        problems = _problems(self)
+        if problems:
+            raise SettingsError(*problems)
+
+    @property
+    def secret_file_mode(self) -> int:
+        return SHARED_SECRET_FILE_MODE if self.share_secret_files else SECRET_FILE_MODE
 
     def template_context(self) -> dict[str, object]:
         # The password is left out on purpose: templates only ever see the hash file's path.
@@ -98,8 +134,11 @@ class StackSettings:
 
 
 def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:
-    """Comma/space separated networks; a bare address means that one host."""
+    """Comma/space separated networks; a bare address means that one host.
+
+    Raises SettingsError naming every item that is not a network."""
     networks: list[str] = []
+    problems: list[str] = []
     for item in re.split(r"[\s,]+", text.strip()):
         if not item:
             continue
@@ -109,25 +148,34 @@ def parse_cidrs(text: str, variable: str) -> tuple[str, ...]:
             hint = ""
             with contextlib.suppress(ValueError):
                 hint = f"; did you mean {ipaddress.ip_network(item, strict=False)}?"
-            raise SettingsError(f"{variable}: {item!r} is not a valid IP network ({exc}){hint}") from None
+            problems.append(f"{variable}: {item!r} is not a valid IP network ({exc}){hint}")
+            continue
         networks.append(str(net))
+    if problems:
+        raise SettingsError(*problems)
     return tuple(networks)
 
 
-def _check_settings(s: StackSettings) -> None:
+def _problems(s: StackSettings) -> list[str]:
+    """Everything wrong with ``s``, each naming its variable: one run says all there is to fix."""
+    problems: list[str] = []
     if not s.allow_cidrs:
-        raise SettingsError(
+        problems.append(
             "ALLOW_CIDRS is empty: list the client networks allowed to reach the stack, e.g. "
             "ALLOW_CIDRS=10.0.0.0/8,192.168.1.0/24 (0.0.0.0/0,::/0 opens it to everyone)"
         )
     if not s.flower_user:
-        raise SettingsError("FLOWER_USER is not set: the basic-auth user for /flower/ is required")
-    if not _USER.match(s.flower_user):
-        raise SettingsError("FLOWER_USER may only contain letters, digits and . _ @ - (max 64)")
+        problems.append("FLOWER_USER is not set: the basic-auth user for /flower/ is required")
+    elif not _USER.match(s.flower_user):
+        problems.append("FLOWER_USER may only contain letters, digits and . _ @ - (max 64)")
     if not s.flower_password:
-        raise SettingsError("FLOWER_PASSWORD is not set: there is no default password, choose one")
-    if any(c in s.flower_password for c in "\r\n\0"):
-        raise SettingsError("FLOWER_PASSWORD must not contain newlines or NUL bytes")
+        problems.append("FLOWER_PASSWORD is not set: there is no default password, choose one")
+    elif any(c in s.flower_password for c in "\r\n\0"):
+        problems.append("FLOWER_PASSWORD must not contain newlines or NUL bytes")
+    if s.alertmanager and not s.slack_webhook_url:
+        problems.append(
+            "ALERTMANAGER_SLACK_WEBHOOK_URL is not set: the alertmanager profile needs a Slack webhook"
+        )
     for name, value in (
         ("SIDECAR_ADDR", s.sidecar_addr),
         ("FLOWER_ADDR", s.flower_addr),
@@ -136,28 +184,35 @@ def _check_settings(s: StackSettings) -> None:
         ("ALERTMANAGER_ADDR", s.alertmanager_addr),
     ):
         if not _ADDR.match(value):
-            raise SettingsError(f"{name}: {value!r} is not host:port")
+            problems.append(f"{name}: {value!r} is not host:port")
     if not _LISTEN.match(s.listen):
-        raise SettingsError(f"LISTEN: {s.listen!r} is not PORT or ADDRESS:PORT")
-    if not _DURATION.match(s.scrape_interval):
-        raise SettingsError(f"SCRAPE_INTERVAL: {s.scrape_interval!r} is not a duration like 15s")
+        problems.append(f"LISTEN: {s.listen!r} is not PORT or ADDRESS:PORT")
+    problems += link_and_scrape_problems(s.grafana_url, s.scrape_interval)
     if not _URL_PATH.match(s.prometheus_path):
-        raise SettingsError(f"PROMETHEUS_PATH: {s.prometheus_path!r} must look like /prometheus")
+        problems.append(f"PROMETHEUS_PATH: {s.prometheus_path!r} must look like /prometheus")
     try:
         ipaddress.ip_address(s.resolver)
     except ValueError:
-        raise SettingsError(f"RESOLVER: {s.resolver!r} is not an IP address") from None
-    if "%(" in s.grafana_url:
-        raise SettingsError(
-            f"GRAFANA_ROOT_URL: {s.grafana_url!r} uses Grafana's %(...)s placeholders; alert links need "
+        problems.append(f"RESOLVER: {s.resolver!r} is not an IP address")
+    return problems
+
+
+def link_and_scrape_problems(grafana_url: str, scrape_interval: str) -> list[str]:
+    """The settings the compose stack and the Kubernetes manifests share: the alert rules'
+    dashboard links and the scrape interval."""
+    problems = []
+    if not _DURATION.match(scrape_interval):
+        problems.append(f"SCRAPE_INTERVAL: {scrape_interval!r} is not a duration like 15s")
+    if "%(" in grafana_url:
+        problems.append(
+            f"GRAFANA_ROOT_URL: {grafana_url!r} uses Grafana's %(...)s placeholders; alert links need "
             "the URL users open, e.g. https://ops.example.com/grafana/"
         )
-    if not _GRAFANA_URL.match(s.grafana_url):
-        raise SettingsError(f"GRAFANA_ROOT_URL: {s.grafana_url!r} is not an http(s) URL like https://ops.example.com/grafana/")
-    if s.alertmanager and not s.slack_webhook_url:
-        raise SettingsError(
-            "ALERTMANAGER_SLACK_WEBHOOK_URL is not set: the alertmanager profile needs a Slack webhook"
+    elif not _GRAFANA_URL.match(grafana_url):
+        problems.append(
+            f"GRAFANA_ROOT_URL: {grafana_url!r} is not an http(s) URL like https://ops.example.com/grafana/"
         )
+    return problems
 
 
 def hash_password(password: str) -> str:
@@ -179,14 +234,31 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write(path: Path, text: str, mode: int = PLAIN_FILE_MODE) -> Path:
+    """Write ``path`` whole (a reader never sees half a file), with exactly ``mode``.
+
+    The configs are world-readable on purpose: nginx's worker (uid 101), Grafana (472) and
+    Prometheus (nobody) read them from a volume the render container (uid 10001) wrote.
+    """
+    # Every directory render creates is 0755, whatever the umask: mkdir -p would leave the
+    # intermediate ones as the umask says (0777 under umask 0, writable by anyone).
+    for directory in [*reversed(path.parents[1:]), path.parent]:
+        if not directory.exists():
+            directory.mkdir(exist_ok=True)
+            directory.chmod(0o755)
     path.parent.chmod(0o755)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    # World-readable on purpose: nginx's worker (uid 101), Grafana (472) and Prometheus
-    # (nobody) read these from a volume the render container (uid 10001) wrote.
-    tmp.chmod(0o644)
+    # The mode is set before the first byte is written: a secret is never readable by others,
+    # not even for a moment, whatever the umask or a leftover temp file's mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            fd = -1
+            f.write(text)
+    finally:
+        if fd != -1:
+            os.close(fd)
     tmp.replace(path)
     return path
 
@@ -214,7 +286,7 @@ def render_stack(settings: StackSettings, out: Path) -> list[Path]:
     htpasswd = f"{settings.flower_user}:{hash_password(settings.flower_password)}\n"
     written = [
         _write(out / "nginx" / "nginx.conf", env.get_template(resources.NGINX_TEMPLATE).render(ctx)),
-        _write(out / "nginx" / "htpasswd", htpasswd),
+        _write(out / "nginx" / "htpasswd", htpasswd, settings.secret_file_mode),
         _write(out / "prometheus" / "prometheus.yml", env.get_template(resources.PROMETHEUS_TEMPLATE).render(ctx)),
         _write(out / "prometheus" / "rules" / RULES_FILE, render_rules(settings.grafana_url)),
     ]
@@ -222,89 +294,14 @@ def render_stack(settings: StackSettings, out: Path) -> list[Path]:
     written += _render_tree(env, resources.GRAFANA_DASHBOARDS, out / "grafana" / "dashboards", ctx)
     if settings.alertmanager:
         am_out = out / "alertmanager"
-        written.append(_write(am_out / "slack_webhook_url", settings.slack_webhook_url + "\n"))
+        written.append(_write(am_out / "slack_webhook_url", settings.slack_webhook_url + "\n",
+                              settings.secret_file_mode))
         am_config = env.get_template(resources.ALERTMANAGER_TEMPLATE).render(ctx)
         written.append(_write(am_out / "alertmanager.yml", am_config))
     return written
 
 
-@click.command("render")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Directory to write nginx/, prometheus/, grafana/ and alertmanager/ into.")
-@click.option("--allow-cidrs", envvar="ALLOW_CIDRS", default="", show_envvar=True,
-              help="Client networks allowed through nginx, comma separated. Required.")
-@click.option("--flower-user", envvar="FLOWER_USER", default="", show_envvar=True,
-              help="Basic-auth user for /flower/ (and /prometheus/). Required.")
-@click.option("--flower-password", envvar="FLOWER_PASSWORD", default="", show_envvar=True,
-              help="Basic-auth password; stored only as a bcrypt hash. Required.")
-@click.option("--set-real-ip-from", envvar="SET_REAL_IP_FROM", default="", show_envvar=True,
-              help="Proxies whose X-Forwarded-For nginx may trust. Empty: trust none.")
-@click.option("--listen", envvar="LISTEN", default="8080", show_default=True, show_envvar=True,
-              help="nginx listen: PORT or ADDRESS:PORT.")
-@click.option("--sidecar-addr", envvar="SIDECAR_ADDR", default="sidecar:9808", show_default=True,
-              show_envvar=True)
-@click.option("--flower-addr", envvar="FLOWER_ADDR", default="flower:5555", show_default=True,
-              show_envvar=True)
-@click.option("--grafana-addr", envvar="GRAFANA_ADDR", default="grafana:3000", show_default=True,
-              show_envvar=True)
-@click.option("--prometheus-addr", envvar="PROMETHEUS_ADDR", default="prometheus:9090", show_default=True,
-              show_envvar=True)
-@click.option("--alertmanager-addr", envvar="ALERTMANAGER_ADDR", default="alertmanager:9093",
-              show_default=True, show_envvar=True)
-@click.option("--resolver", envvar="RESOLVER", default="127.0.0.11", show_default=True, show_envvar=True,
-              help="DNS server nginx resolves upstream names with (Docker's embedded DNS).")
-@click.option("--enable-prometheus-ui/--no-enable-prometheus-ui", envvar="ENABLE_PROMETHEUS_UI",
-              default=False, show_default=True, show_envvar=True,
-              help="Route /prometheus/ (allow-list + basic auth) to Prometheus's UI.")
-@click.option("--scrape-interval", envvar="SCRAPE_INTERVAL", default="15s", show_default=True,
-              show_envvar=True)
-@click.option("--rules-path", envvar="PROMETHEUS_RULES_PATH", default="/etc/prometheus/rendered/rules/*.yml",
-              show_default=True, show_envvar=True,
-              help="rule_files entry, as Prometheus sees it (render writes the rules to OUT/prometheus/rules/).")
-@click.option("--enable-alertmanager/--no-enable-alertmanager", envvar="ENABLE_ALERTMANAGER",
-              default=False, show_default=True, show_envvar=True,
-              help="Send Prometheus alerts to Alertmanager (the compose 'alertmanager' profile).")
-@click.option("--slack-webhook-url", envvar="ALERTMANAGER_SLACK_WEBHOOK_URL", default="", show_envvar=True,
-              help="Alertmanager's Slack webhook (written to a file, not into alertmanager.yml).")
-@click.option("--slack-channel", envvar="ALERTMANAGER_SLACK_CHANNEL", default="", show_envvar=True)
-@click.option("--grafana-url", envvar="GRAFANA_ROOT_URL", default=DEFAULT_GRAFANA_URL, show_default=True,
-              show_envvar=True,
-              help="Where users open Grafana (the compose stack's Grafana root URL): the base of the "
-                   "dashboard_url annotation of every Prometheus alert.")
-def render_command(out: Path, allow_cidrs: str, flower_user: str, flower_password: str,
-                   set_real_ip_from: str, listen: str, sidecar_addr: str, flower_addr: str,
-                   grafana_addr: str, prometheus_addr: str, alertmanager_addr: str, resolver: str,
-                   enable_prometheus_ui: bool, scrape_interval: str, rules_path: str,
-                   enable_alertmanager: bool, slack_webhook_url: str, slack_channel: str,
-                   grafana_url: str) -> None:
-    """Render the monitoring stack's nginx, Prometheus, Grafana and Alertmanager configs."""
-    try:
-        settings = StackSettings(
-            allow_cidrs=parse_cidrs(allow_cidrs, "ALLOW_CIDRS"),
-            flower_user=flower_user,
-            flower_password=flower_password,
-            set_real_ip_from=parse_cidrs(set_real_ip_from, "SET_REAL_IP_FROM"),
-            listen=listen,
-            sidecar_addr=sidecar_addr,
-            flower_addr=flower_addr,
-            grafana_addr=grafana_addr,
-            prometheus_addr=prometheus_addr,
-            alertmanager_addr=alertmanager_addr,
-            resolver=resolver,
-            prometheus_ui=enable_prometheus_ui,
-            scrape_interval=scrape_interval,
-            rules_path=rules_path,
-            alertmanager=enable_alertmanager,
-            slack_webhook_url=slack_webhook_url,
-            slack_channel=slack_channel,
-            grafana_url=grafana_url.rstrip("/"),
-        )
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
-    try:
-        written = render_stack(settings, out)
-    except (resources.MissingResource, jinja2.TemplateNotFound) as exc:
-        raise click.ClickException(str(exc)) from None
-    for path in written:
-        click.echo(f"wrote {path}")
-
+def render_kubernetes(settings: kubernetes.KubernetesSettings, grafana_url: str, out: Path) -> list[Path]:
+    """Write the manifests and their kustomization.yaml into out; return the files."""
+    texts = kubernetes.manifests(settings, render_rules(grafana_url))
+    return [_write(out / name, text) for name, text in texts.items()]

@@ -1,9 +1,9 @@
 """Wires the parts of `celery-sidecar run` together and runs them until stopped.
 
-The data path, one way: intakes (monitor/intake.py for events, monitor/probes.py for
-queues and workers) → pipeline → state (the fold) → state view (snapshots) →
-{exporters, alert engine → delivery}. This module is the only one that knows every part;
-nothing imports it.
+The data path, one way: monitor/intake/ (consumer.py for events, probes.py for queues and
+workers) → monitor/boundary/ → monitor/fold/ (pipeline.py, state.py) → monitor's read API
+(view.py snapshots, sinks.py updates) → {exporters/, alerts/ rules → alerts/delivery/}.
+This module is the only one that knows every part; nothing imports it.
 
 Threads: intake (events → pipeline), ticker (liveness, alert evaluation, once a second),
 queue and inspect probes, config reloader, prerender, HTTP server, and the alert
@@ -21,23 +21,24 @@ from typing import Any
 
 from prometheus_client import ProcessCollector
 
-from celery_sidecar.alerts.slack import SlackSettings
+from celery_sidecar.alerts.delivery.slack import SlackSettings
 from celery_sidecar.exporters.collectors import StateCollector
+from celery_sidecar.exporters.controls import check_controls
 from celery_sidecar.exporters.event_metrics import EventMetrics
 from celery_sidecar.exporters.exposition import Exposition
 from celery_sidecar.exporters.http import HttpServer
 from celery_sidecar.exporters.ovalmoney import OvalMoneyCollector
 from celery_sidecar.exporters.task_classes import TaskClassCollector
-from celery_sidecar.monitor.app_defaults import AppDefaults
-from celery_sidecar.monitor.config import Config, LiveConfig
-from celery_sidecar.monitor.event_queue import EventQueue
-from celery_sidecar.monitor.events_check import TaskEventsCheck
-from celery_sidecar.monitor.intake import Intake
-from celery_sidecar.monitor.pipeline import Pipeline
-from celery_sidecar.monitor.probes import Poller, make_queue_probe
-from celery_sidecar.monitor.reload import ConfigReloader, describe_thresholds
-from celery_sidecar.monitor.state import State
-from celery_sidecar.monitor.status import Status
+from celery_sidecar.monitor.advice import TaskEventsCheck
+from celery_sidecar.monitor.config.app_settings import AppDefaults
+from celery_sidecar.monitor.config.reload import ConfigReloader, describe_thresholds
+from celery_sidecar.monitor.config.settings import Config, LiveConfig
+from celery_sidecar.monitor.fold.pipeline import Pipeline
+from celery_sidecar.monitor.fold.state import State
+from celery_sidecar.monitor.fold.status import Status
+from celery_sidecar.monitor.intake.consumer import Intake
+from celery_sidecar.monitor.intake.event_queue import EventQueue
+from celery_sidecar.monitor.intake.probes import Poller, make_queue_probe, redis_client
 from celery_sidecar.monitor.view import StateView
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class RunSettings:
     port: int = 9808
     config_path: Path | None = None
     transport_options: dict[str, Any] = field(default_factory=dict)
+    broker_use_ssl: Any = None  # celery's broker_use_ssl: the TLS options of every broker connection
     app: AppDefaults = field(default_factory=AppDefaults)
     fast_path: bool = True
     enable_events: bool = False
@@ -71,23 +73,32 @@ class RunSettings:
     event_queue: EventQueue = field(default_factory=EventQueue)
     state_dir: Path = Path(".")
     instance_id: str = "sidecar"
+    app_sent_event: bool | None = None  # the app's task_send_sent_event; None: no app loaded
+    static_labels: tuple[tuple[str, str], ...] = ()  # on every series of /metrics (--static-label)
 
 
 class Sidecar:
     def __init__(self, settings: RunSettings, config: Config) -> None:
         self.settings = settings
+        try:
+            check_controls(config)  # what the schema cannot check: the families the controls name
+        except ValueError as exc:
+            raise ValueError(f"{settings.config_path or 'the config'}: {exc}") from None
         self.config = LiveConfig(config)
         self.status = Status(config_path=str(settings.config_path) if settings.config_path else None)
         self.state = State(self.config, app=settings.app)
         self.pipeline = Pipeline(self.state, self.status)
         self.view = StateView(self.pipeline)
-        self.event_metrics = EventMetrics(self.config)
+        self.event_metrics = EventMetrics(self.config, settings.static_labels)
         self.pipeline.add_sink(self.event_metrics)
         self.intake = Intake(settings.broker_url, settings.transport_options, self.pipeline,
-                             fast_path=settings.fast_path, event_queue=settings.event_queue)
-        self.pipeline.add_sink(TaskEventsCheck(self.state, settings.enable_events, self.intake.app))
+                             fast_path=settings.fast_path, event_queue=settings.event_queue,
+                             ssl_options=settings.broker_use_ssl)
+        self.pipeline.add_sink(TaskEventsCheck(self.state, settings.enable_events, self.intake.app,
+                                               app_sent_event=settings.app_sent_event))
         self.poller = Poller(
-            queue_probe=make_queue_probe(settings.broker_url, settings.transport_options, settings.probe_timeout),
+            queue_probe=make_queue_probe(settings.broker_url, settings.transport_options, settings.probe_timeout,
+                                         settings.broker_use_ssl),
             app=self.intake.app,
             pipeline=self.pipeline,
             interval=settings.probe_interval,
@@ -95,8 +106,9 @@ class Sidecar:
             timeout=settings.probe_timeout,
         )
         # /metrics: the fast task metrics, then every collector registered here.
-        self.registry = Exposition(self.event_metrics.exposition, lambda: self.event_metrics.render_errors)
-        checks = []
+        self.registry = Exposition(self.event_metrics.exposition, lambda: self.event_metrics.render_errors,
+                                   self.config, settings.static_labels)
+        checks = [check_controls]
         self.alerts = None
         if settings.alerts:
             self.alerts, dispatcher = self._build_alerts()
@@ -108,7 +120,8 @@ class Sidecar:
         ProcessCollector(registry=self.registry)
         self.http = HttpServer(settings.bind, settings.port, self.registry.render, self.health)
         self.reloader = (
-            ConfigReloader(settings.config_path, self.config, self.status, checks, settings.reload_interval)
+            ConfigReloader(settings.config_path, self.config, self.status.reload_result, checks,
+                           settings.reload_interval)
             if settings.config_path
             else None
         )
@@ -116,15 +129,17 @@ class Sidecar:
         self._threads: list[threading.Thread] = []
 
     def _build_alerts(self):
-        from celery_sidecar.alerts.beat import BeatAlerts
-        from celery_sidecar.alerts.delivery import build_dispatcher
+        from celery_sidecar.alerts.beat_alerts import BeatAlerts
+        from celery_sidecar.alerts.delivery.dispatcher import build_dispatcher
+        from celery_sidecar.alerts.delivery.outbox import open_outbox
         from celery_sidecar.alerts.engine import AlertEngine
-        from celery_sidecar.alerts.in_flight import InFlightAlerts
-        from celery_sidecar.alerts.outbox import open_outbox
+        from celery_sidecar.alerts.stuck_lost import InFlightAlerts
 
         settings = self.settings
         dispatcher = build_dispatcher(
-            self.config, settings.slack, open_outbox(settings.broker_url, settings.state_dir),
+            self.config, settings.slack,
+            open_outbox(settings.broker_url, settings.state_dir,
+                        redis_client(settings.broker_url, settings.transport_options, settings.broker_use_ssl, 5.0)),
             registry=self.registry, instance_id=settings.instance_id,
         )
         engine = AlertEngine(self.config, self.view, dispatcher)
@@ -144,7 +159,9 @@ class Sidecar:
         self.http.start()
         log.info("serving /metrics and /health on http://%s:%d", self.settings.bind, self.http.port)
         if self.alerts is not None:
-            self.alerts.start()
+            self.alerts.start()  # logs where alerts go
+        else:
+            log.info("alerts are off (--no-alerts): nothing is sent to Slack or the log")
         self.poller.start()
         if self.reloader:
             self.reloader.start()
@@ -184,13 +201,19 @@ class Sidecar:
     def health(self) -> tuple[bool, dict[str, Any]]:
         snap = self.view.snapshot()
         intake, config = snap.intake, snap.config
+        # A stopped reloader means edits are silently ignored: not healthy, whatever the broker.
+        reloader = self.reloader.health() if self.reloader else None
+        reloading = reloader is None or bool(reloader["running"])
         body = {
-            "status": "ok" if intake.connected else "broker unreachable",
+            "status": ("broker unreachable" if not intake.connected else
+                       "ok" if reloading else "config reloader stopped"),
             "broker": {
                 "url": intake.broker,
                 "connected": intake.connected,
                 "intake": intake.path,
+                "intake_reason": self.intake.path_reason,  # why this path (and, on the stock path, if unpatched)
                 "reconnects": intake.reconnects,
+                "attempts": self.intake.failed_attempts,  # since the last connection
                 "last_error": intake.last_error,
             },
             "events": {"consumed": sum(intake.events_by_type.values()),
@@ -204,8 +227,9 @@ class Sidecar:
                 "valid": config.error is None,
                 "error": config.error,
                 "reloads": config.reloads,
+                "reloader": reloader,
             },
             "workers": {w.hostname: ("up" if w.alive else "down") for w in snap.workers},
             "uptime_seconds": round(time.time() - snap.started_at, 1),
         }
-        return intake.connected, body
+        return intake.connected and reloading, body

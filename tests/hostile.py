@@ -16,6 +16,7 @@ import orjson
 from hypothesis import strategies as st
 from kombu.utils.json import dumps
 
+from celery_sidecar.monitor.boundary import parse
 from tests.bench.traffic import encode_message
 
 KNOWN_TYPES = (
@@ -120,7 +121,7 @@ def _bad(kind: str, **fields: Any) -> dict[str, Any]:
 
 # Events every path must refuse (the fold's boundary), with the reason.
 BAD_EVENTS: list[tuple[dict[str, Any], str]] = [
-    # The issue's first case: a number or a boolean as a label took /metrics down.
+    # A number or a boolean as a label once took /metrics down.
     (_bad("task-received", hostname=12345), "malformed"),
     (_bad("task-received", name=True), "malformed"),
     (_bad("task-sent", queue=["celery"]), "malformed"),
@@ -144,8 +145,8 @@ BAD_EVENTS: list[tuple[dict[str, Any], str]] = [
     ({"hostname": "w@h", "timestamp": NOW}, "missing_type"),
 ]
 
-# Whole messages every Redis path must count and skip without a reconnect. The issue's
-# second case: envelopes kombu tripped over, costing the stock path a reconnect each.
+# Whole messages every Redis path must count and skip without a reconnect: envelopes kombu
+# trips over, which would cost the stock path a reconnect each.
 BAD_ENVELOPES: list[tuple[bytes, str]] = [
     (b"{not json", "undecodable"),
     (b"\xff\xfe\x00 not utf-8", "undecodable"),
@@ -160,4 +161,37 @@ BAD_ENVELOPES: list[tuple[bytes, str]] = [
     (envelope({"type": "task-started"}, content_type="application/x-python-serialize"), "undecodable"),
     (envelope("just a string"), "not_an_event"),
     (envelope([42]), "not_an_event"),  # a list body: each item that is not an event is one skip
+]
+
+
+# -- real events, and values at the boundary's edges -------------------------------------------
+
+HOST, PRODUCER, NAME, QUEUE = "celery@worker-1", "producer@web-1", "proj.tasks.add", "celery"
+
+
+def real(kind: str) -> dict[str, Any]:
+    """An event as celery 5's EventDispatcher sends it (every field, as the wire has it)."""
+    event: dict[str, Any] = {"hostname": HOST, "utcoffset": 0, "pid": 17, "clock": 42,
+                             "uuid": "0b9f1c7e-8f55-4f4e-9a43-3c1f2f3c6a01", "timestamp": NOW - 0.25,
+                             "type": kind, "local_received": NOW}
+    if kind == "task-sent":
+        event.update(hostname=PRODUCER, root_id=event["uuid"], parent_id=None, name=NAME, args="(1, 2)",
+                     kwargs="{}", retries=0, eta=None, expires=None, queue=QUEUE, exchange="",
+                     routing_key=QUEUE)
+    elif kind == "task-received":
+        event.update(name=NAME, args="(1, 2)", kwargs="{}", root_id=event["uuid"], parent_id=None, retries=0,
+                     eta=None, expires=None)
+    elif kind == "task-succeeded":
+        event.update(result="3", runtime=0.0123)
+    return event
+
+
+# Values near each bound the boundary checks (monitor/boundary/parse.py), for every field.
+EDGE_VALUES = [
+    -1, -1.0, -0.0, 0, 0.0, 1e-300, parse.MAX_SECONDS, parse.MAX_SECONDS * 2, parse.MAX_COUNT,
+    parse.MAX_COUNT + 1, True, False, None, "", " ", "é", "\ud800", "x" * parse.MAX_LABEL,
+    "x" * (parse.MAX_LABEL + 1), "x" * (parse.MAX_TEXT + 1), "2030-01-01T00:00:00+00:00", "2030-01-01",
+    NOW - parse.MAX_SKEW - 1, NOW + parse.MAX_SKEW - 1, int(NOW), float("nan"), float("inf"), [], {},
+    # orjson reads ints from -2**63 to 2**64 - 1 as ints, beyond as floats; the typed clock stops at 2**63 - 1.
+    -(2**63) - 1, 2**63, 2**64,
 ]

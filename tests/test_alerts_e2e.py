@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from celery import Celery
 
+from celery_sidecar.alerts.delivery.blocks import MAX_SECTION_TEXT
 from tests.support.clients import producer
+from tests.support.configs import write_config
 from tests.support.fake_slack import FakeSlack, Request
 from tests.support.paths import ARTIFACTS, SIDECAR, SUITE, child_env
-from tests.support.procs import SidecarProcess
 from tests.support.servers import wait_for
 
-pytestmark = pytest.mark.timeout(150)
+# Every test here runs the sidecar: as a process, or its CLI.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
 ALERT_APP = "tests.support.alert_apps"
 HEARTBEAT_FREQ = 2.0  # Celery's default worker heartbeat
@@ -40,57 +41,8 @@ TICK = 1.0  # the sidecar evaluates time-based alerts about once a second
 # -- the pieces of a story --------------------------------------------------------------------
 
 
-def write_config(path: Path, alerts: dict[str, Any] | None = None, **top: Any) -> Path:
-    path.write_text(yaml.safe_dump({**top, "alerts": alerts or {}}))
-    return path
-
-
 def slack_env(slack: FakeSlack) -> dict[str, str]:
     return {"SLACK_WEBHOOK_URL": slack.webhook_url}
-
-
-def watching(side: SidecarProcess, worker_name: str, timeout: float = 20) -> str:
-    """Wait until the sidecar sees the worker's heartbeats; return the worker's hostname."""
-
-    def up() -> str | None:
-        _, body = side.health()
-        return next((h for h, s in body["workers"].items() if h.startswith(f"{worker_name}@") and s == "up"), None)
-
-    try:
-        return wait_for(up, timeout=timeout, what=f"worker {worker_name} up in /health")
-    except TimeoutError:
-        raise AssertionError(f"the sidecar never saw {worker_name}:\n{side.log()[-3000:]}") from None
-
-
-def headline(request: Request) -> str:
-    """The first line of the message's text: "[SEVERITY] title"."""
-    return request.body.get("text", "").splitlines()[0]
-
-
-def messages(slack: FakeSlack, title: str) -> list[Request]:
-    return [r for r in slack.accepted() if title in headline(r)]
-
-
-def wait_messages(slack: FakeSlack, title: str, count: int = 1, timeout: float = 20,
-                  side: SidecarProcess | None = None) -> list[Request]:
-    try:
-        wait_for(lambda: len(messages(slack, title)) >= count, timeout=timeout, interval=0.05,
-                 what=f"{count} Slack message(s) titled {title!r}")
-    except TimeoutError:
-        seen = [headline(r) for r in slack.accepted()]
-        log = f"\n--- sidecar log ---\n{side.log()[-4000:]}" if side else ""
-        raise AssertionError(f"no {count}x {title!r} in Slack; got {seen}{log}") from None
-    return messages(slack, title)
-
-
-def mentioning(slack: FakeSlack, text: str) -> list[Request]:
-    return [r for r in slack.accepted() if text in json.dumps(r.body)]
-
-
-def settled(*sides: SidecarProcess, timeout: float = 20) -> None:
-    """Every alert the sidecars took on is delivered."""
-    for side in sides:
-        side.settled(timeout)
 
 
 def eventually(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -143,17 +95,17 @@ def test_a_failed_task_gives_one_slack_message_with_what_on_call_needs(redis_srv
     config = write_config(tmp_path / "sidecar.yml", {"flower_url": "https://flower.example.com/"})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    host = watching(side, "payments")
+    host = side.wait_worker_up("payments")
 
     result = producer(redis_srv.url).send_task(
         "alerting.charge_card", args=["order-1001"], kwargs={"card_token": "secret-kwarg-42"}
     )
 
-    [message] = wait_messages(slack, "Task failed: alerting.charge_card", side=side)
-    settled(side)
-    assert len(slack.accepted()) == 1, [headline(r) for r in slack.accepted()]
+    [message] = slack.wait_messages("Task failed: alerting.charge_card", side=side)
+    side.settled()
+    assert len(slack.accepted()) == 1, slack.headlines()
     text = message.body["text"]
-    assert headline(message) == "[WARNING] Task failed: alerting.charge_card"
+    assert message.headline == "[WARNING] Task failed: alerting.charge_card"
     assert f"Task ID: {result.id}" in text
     assert "Exception: PaymentDeclined" in text
     assert "card declined for order order-1001" in text
@@ -180,14 +132,14 @@ def test_with_include_args_the_message_shows_args_and_kwargs(redis_srv, slack, s
     config = write_config(tmp_path / "sidecar.yml", {"include_args": True})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    watching(side, "payments")
+    side.wait_worker_up("payments")
 
     result = producer(redis_srv.url).send_task(
         "alerting.charge_card", args=["order-7"], kwargs={"card_token": "secret-kwarg-42"}
     )
 
-    [message] = wait_messages(slack, "Task failed: alerting.charge_card", side=side)
-    settled(side)
+    [message] = slack.wait_messages("Task failed: alerting.charge_card", side=side)
+    side.settled()
     assert result.id in message.body["text"]
     assert re.search(r"^  Args: .*'order-7'", message.body["text"], re.M), message.body["text"]
     assert "Kwargs: {'card_token': 'secret-kwarg-42'}" in message.body["text"]
@@ -197,16 +149,59 @@ def test_with_include_args_the_message_shows_args_and_kwargs(redis_srv, slack, s
 def test_a_task_that_fails_after_two_retries_reports_two_retries(redis_srv, slack, sidecar, worker):
     side = sidecar(redis_srv.url, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    watching(side, "payments")
+    side.wait_worker_up("payments")
 
     result = producer(redis_srv.url).send_task("alerting.charge_card_with_retries", args=["order-8"])
 
-    [message] = wait_messages(slack, "Task failed: alerting.charge_card_with_retries", side=side)
-    settled(side)
+    [message] = slack.wait_messages("Task failed: alerting.charge_card_with_retries", side=side)
+    side.settled()
     assert result.id in message.body["text"]
     # max_retries=2: the task ran three times and was retried twice.
     assert "Retries: 2" in message.body["text"], message.body["text"]
     assert len(slack.accepted()) == 1
+
+
+RAISING_LINE = 'raise KeyError("customer_id")'
+EXCEPTION_LINE = "KeyError: 'customer_id'"
+LOG_RECORD_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def log_record(log: str, words: str) -> str:
+    """The whole (multi-line) record of the sidecar's log whose first line holds ``words``."""
+    lines = log.splitlines()
+    start = next((i for i, line in enumerate(lines) if words in line), None)
+    assert start is not None, f"no log record with {words!r}:\n{log[-4000:]}"
+    end = next((i for i in range(start + 1, len(lines)) if LOG_RECORD_START.match(lines[i])), len(lines))
+    return "\n".join(lines[start:end])
+
+
+def test_a_deep_traceback_keeps_where_it_failed_in_slack_and_in_the_console(redis_srv, slack, sidecar, worker):
+    worker(redis_srv.url, name="billing", app=ALERT_APP)
+    app = producer(redis_srv.url)
+
+    # Slack: the code block of the message.
+    side = sidecar(redis_srv.url, env=slack_env(slack))
+    side.wait_worker_up("billing")
+    app.send_task("alerting.load_invoice", args=["inv-1"])
+    [message] = slack.wait_messages("Task failed: alerting.load_invoice", side=side)
+    [code] = [b["text"]["text"] for b in message.body["blocks"]
+              if b["type"] == "section" and b.get("text", {}).get("text", "").startswith("```")]
+    last = code.removesuffix("```").rstrip().splitlines()
+    assert last[-1] == EXCEPTION_LINE and RAISING_LINE in last[-2], code
+    assert code.count('File "') >= 10, f"not the deep traceback this test is about:\n{code}"
+    assert code.startswith("```Traceback (most recent call last):"), "room for the start too"
+    assert len(code) <= MAX_SECTION_TEXT - 200
+    assert side.stop() == 0
+
+    # The console: the log record of the alert.
+    console = sidecar(redis_srv.url)
+    console.wait_worker_up("billing")
+    app.send_task("alerting.load_invoice", args=["inv-2"])
+    console.wait_log("Task failed: alerting.load_invoice", timeout=20)
+    record = log_record(console.log(), "alerts.console: [WARNING] Task failed: alerting.load_invoice")
+    assert RAISING_LINE in record and record.rstrip().endswith(EXCEPTION_LINE), record
+    assert "Traceback (most recent call last):" in record
+    assert re.search(r"^… \d+ lines cut …$", record, re.M), record
 
 
 # -- latency ----------------------------------------------------------------------------------
@@ -219,7 +214,7 @@ def test_alert_latency_from_task_failure_to_slack_is_measured_over_many_failures
     config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 0, "rate_limit_per_second": 50})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    watching(side, "payments")
+    side.wait_worker_up("payments")
     app = producer(redis_srv.url)
 
     with FailureClock(redis_srv.url) as clock:
@@ -227,15 +222,15 @@ def test_alert_latency_from_task_failure_to_slack_is_measured_over_many_failures
         for i in range(failures):  # about 10 failures a second, as a bad deploy would produce
             ids.append(app.send_task("alerting.charge_card", args=[f"order-{i}"]).id)
             time.sleep(0.1)
-        wait_for(lambda: len(mentioning(slack, "Task failed")) >= failures, timeout=30,
+        wait_for(lambda: len(slack.mentioning("Task failed")) >= failures, timeout=30,
                  what=f"{failures} failure messages")
-        settled(side)
+        side.settled()
         wait_for(lambda: all(i in clock.failed_at for i in ids), timeout=5, what="every task-failed event")
 
     wall_minus_monotonic = time.time() - time.monotonic()
     latencies = []
     for task_id in ids:
-        [request] = mentioning(slack, task_id)  # exactly one message per failure
+        [request] = slack.mentioning(task_id)  # exactly one message per failure
         latencies.append(request.at + wall_minus_monotonic - clock.failed_at[task_id])
     assert len(slack.accepted()) == failures
     p50, p99 = statistics.median(latencies), _percentile(latencies, 0.99)
@@ -259,11 +254,11 @@ def _percentile(values: list[float], q: float) -> float:
 def summaries(slack: FakeSlack, window: int) -> list[int]:
     """The "+N more of ..." counts of the storm summaries that reached Slack."""
     pattern = re.compile(rf"\+(\d+) more of alerting\.charge_card: PaymentDeclined in the last {window} s")
-    return [int(m[1]) for r in slack.accepted() if (m := pattern.search(headline(r)))]
+    return [int(m[1]) for r in slack.accepted() if (m := pattern.search(r.headline))]
 
 
 def storm_openers(slack: FakeSlack) -> list[Request]:
-    return [r for r in messages(slack, "Task failed: alerting.charge_card")
+    return [r for r in slack.messages("Task failed: alerting.charge_card")
             if "Exception: PaymentDeclined" in r.body["text"]]
 
 
@@ -274,7 +269,7 @@ def test_a_storm_of_500_failures_gives_one_message_and_summaries_with_exact_coun
     config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 10, "rate_limit_per_second": 20})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    watching(side, "payments")
+    side.wait_worker_up("payments")
     app = producer(redis_srv.url)
     other = app.send_task("alerting.charge_card", args=["order-x"], kwargs={"error": "GatewayTimeout"})
 
@@ -286,12 +281,12 @@ def test_a_storm_of_500_failures_gives_one_message_and_summaries_with_exact_coun
 
     # The last window closes storm_window + 1 s for late events + a tick after it opened.
     eventually(lambda: sum(summaries(slack, 10)) >= 499, timeout=20)
-    settled(side)
+    side.settled()
     counts, openers = summaries(slack, 10), storm_openers(slack)
     assert len(openers) == 1, f"{len(openers)} individual messages for one storm; summaries {counts}"
     assert sum(counts) == 499, f"summaries {counts} do not add up to 499"
     # A different exception of the same task is its own alert, not part of the storm.
-    assert len(mentioning(slack, other.id)) == 1
+    assert len(slack.mentioning(other.id)) == 1
     assert len(slack.accepted()) == 2 + len(counts)
 
 
@@ -299,54 +294,97 @@ def test_a_storm_that_pauses_and_resumes_reports_every_window(redis_srv, slack, 
     config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 8, "rate_limit_per_second": 20})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    watching(side, "payments")
+    side.wait_worker_up("payments")
     app = producer(redis_srv.url)
 
     for i in range(100):
         app.send_task("alerting.charge_card", args=[f"order-a{i}"])
     eventually(lambda: summaries(slack, 8) == [99], timeout=20)
-    assert summaries(slack, 8) == [99], [headline(r) for r in slack.accepted()]
+    assert summaries(slack, 8) == [99], slack.headlines()
     # The first window is summarized; the storm goes on in the next one.
     for i in range(100):
         app.send_task("alerting.charge_card", args=[f"order-b{i}"])
     side.wait_metric("celery_task_failed_total", lambda v: v == 200, name="alerting.charge_card")
 
     eventually(lambda: sum(summaries(slack, 8)) >= 199, timeout=15)
-    settled(side)
-    assert summaries(slack, 8) == [99, 100], [headline(r) for r in slack.accepted()]
+    side.settled()
+    assert summaries(slack, 8) == [99, 100], slack.headlines()
     assert len(storm_openers(slack)) == 1
 
 
 # -- workers ----------------------------------------------------------------------------------
 
 
-def test_a_killed_worker_pages_offline_then_back_online_and_a_graceful_stop_is_info(redis_srv, slack, sidecar,
-                                                                                    worker, tmp_path):
+def test_a_killed_worker_pages_offline_then_back_online_and_a_graceful_stop_is_no_page(redis_srv, slack, sidecar,
+                                                                                       worker, tmp_path):
     config = write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 10})
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     doomed = worker(redis_srv.url, name="doomed", app=ALERT_APP, concurrency=1)
-    host = watching(side, "doomed")
+    host = side.wait_worker_up("doomed")
 
     killed_at = time.monotonic()
     doomed.kill()  # SIGKILL to the whole process group: no worker-offline event
-    [offline] = wait_messages(slack, f"Worker offline: {host}", timeout=15, side=side)
+    [offline] = slack.wait_messages(f"Worker offline: {host}", timeout=15, side=side)
     took = offline.at - killed_at
     deadline = 2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + TICK + 1.0  # + 1 s for delivery
     assert took <= deadline, f"'worker offline' after {took:.1f} s (allowed {deadline:.0f} s)"
-    assert headline(offline).startswith("[CRITICAL]")
+    assert offline.headline.startswith("[CRITICAL]")
 
     back = worker(redis_srv.url, name="doomed", app=ALERT_APP, concurrency=1)
-    [online] = wait_messages(slack, f"Worker back online: {host}", timeout=20, side=side)
-    assert headline(online).startswith("[CRITICAL] RESOLVED:")
+    [online] = slack.wait_messages(f"Worker back online: {host}", timeout=20, side=side)
+    assert online.headline.startswith("[CRITICAL] RESOLVED:")
 
     back.stop()  # SIGTERM: a warm shutdown sends worker-offline
-    [shutdown] = wait_messages(slack, f"Worker shut down: {host}", timeout=15, side=side)
-    assert headline(shutdown).startswith("[INFO]")
-    # A graceful shutdown is not a page: no "offline" follows once heartbeats stop.
+    wait_for(lambda: side.health()[1]["workers"].get(host) == "down", timeout=15, what=f"{host} down")
+    # A graceful shutdown is not a page: no "offline" follows once heartbeats stop, and within
+    # the shutdown grace window (60 s by default) nothing at all.
     side.decided(time.time() + 2 * HEARTBEAT_FREQ + HEARTBEAT_GRACE + TICK)
-    assert len(messages(slack, "Worker offline")) == 1, [headline(r) for r in slack.accepted()]
-    assert [headline(r).split("] ", 1)[1] for r in slack.accepted()] == [
-        f"Worker offline: {host}", f"RESOLVED: Worker back online: {host}", f"Worker shut down: {host}",
+    assert [r.headline.split("] ", 1)[1] for r in slack.accepted()] == [
+        f"Worker offline: {host}", f"RESOLVED: Worker back online: {host}",
+    ]
+
+
+def test_a_worker_restarted_with_sigterm_posts_nothing(redis_srv, slack, sidecar, worker, tmp_path):
+    grace = 10  # shorter than the default 60 s, so that the test can outwait it
+    config = write_config(tmp_path / "sidecar.yml", {"rules": {"worker_shutdown": {"for_seconds": grace}}})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    api = worker(redis_srv.url, name="api", app=ALERT_APP, concurrency=1)
+    host = side.wait_worker_up("api")
+
+    stopped_at = time.time()
+    api.stop()  # SIGTERM: a warm shutdown, worker-offline sent
+    wait_for(lambda: side.health()[1]["workers"].get(host) == "down", timeout=15, what=f"{host} down")
+    worker(redis_srv.url, name="api", app=ALERT_APP, concurrency=1)
+    side.wait_worker_up("api")
+
+    # Past the grace window counted from the shutdown: the return cancelled its message for good.
+    side.decided(stopped_at + grace + 2 * TICK)
+    assert slack.requests == [], [r.headline for r in slack.requests]
+    assert "back" in side.log() and "after a graceful shutdown" in side.log()
+
+
+def test_a_worker_that_shuts_down_and_stays_away_is_one_message_resolved_when_back(redis_srv, slack, sidecar,
+                                                                                  worker, tmp_path):
+    grace = 2
+    config = write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 10,
+                                                     "rules": {"worker_shutdown": {"for_seconds": grace}}})
+    side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
+    api = worker(redis_srv.url, name="api", app=ALERT_APP, concurrency=1)
+    host = side.wait_worker_up("api")
+
+    stopping = time.monotonic()
+    api.stop()
+    [away] = slack.wait_messages(f"Worker shut down: {host}", timeout=15, side=side)
+    assert away.at - stopping >= grace, "posted before the grace window was over"
+    assert away.headline.startswith("[INFO]")
+    assert "shut down gracefully" in away.body["text"]
+
+    worker(redis_srv.url, name="api", app=ALERT_APP, concurrency=1)
+    [back] = slack.wait_messages(f"Worker back online: {host}", timeout=20, side=side)
+    assert back.headline.startswith("[INFO] RESOLVED:")
+    side.settled()
+    assert [r.headline.split("] ", 1)[1] for r in slack.accepted()] == [
+        f"Worker shut down: {host}", f"RESOLVED: Worker back online: {host}",
     ]
 
 
@@ -366,19 +404,19 @@ def test_a_queue_filled_past_100_warns_and_resolves_once_drained(redis_srv, slac
     for _ in range(150):  # nothing consumes 'backlog' yet
         app.send_task("demo.ok", queue="backlog")
 
-    [warning] = wait_messages(slack, "Queue length above normal threshold: backlog", side=side)
-    assert headline(warning).startswith("[WARNING]")
+    [warning] = slack.wait_messages("Queue length above normal threshold: backlog", side=side)
+    assert warning.headline.startswith("[WARNING]")
     assert "queue backlog holds 150 messages; threshold 100" in warning.body["text"]
     assert "Value: 150" in warning.body["text"] and "Threshold: 100" in warning.body["text"]
 
     worker(redis_srv.url, name="drainer", queues="backlog")
-    [resolved] = wait_messages(slack, "Resolved: queue length above normal threshold: backlog", timeout=30,
+    [resolved] = slack.wait_messages("Resolved: queue length above normal threshold: backlog", timeout=30,
                                side=side)
     assert resolved.at > warning.at
     assert "backlog is back under 100" in resolved.body["text"]
-    settled(side)
+    side.settled()
     # No flapping, and the peak threshold (1000) was never crossed.
-    assert len(mentioning(slack, "backlog")) == 2, [headline(r) for r in mentioning(slack, "backlog")]
+    assert len(slack.mentioning("backlog")) == 2, [r.headline for r in slack.mentioning("backlog")]
 
 
 def test_a_task_that_keeps_retrying_crosses_the_retry_rate_threshold(redis_srv, slack, sidecar, worker, tmp_path):
@@ -388,19 +426,19 @@ def test_a_task_that_keeps_retrying_crosses_the_retry_rate_threshold(redis_srv, 
     )
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="flaky")
-    watching(side, "flaky")
+    side.wait_worker_up("flaky")
     app = producer(redis_srv.url)
 
     for _ in range(4):  # each retries 3 times, then fails: 12 retries in 16 outcomes
         app.send_task("demo.flaky", kwargs={"p_fail": 1.0})
 
-    [alert] = wait_messages(slack, "Retry rate above threshold: demo.flaky", timeout=30, side=side)
-    assert headline(alert).startswith("[WARNING]")
+    [alert] = slack.wait_messages("Retry rate above threshold: demo.flaky", timeout=30, side=side)
+    assert alert.headline.startswith("[WARNING]")
     assert "Threshold: 5.0%" in alert.body["text"]
     assert re.search(r"demo\.flaky retried \d+ of \d+ times \((\d+)%\)", alert.body["text"])
     side.wait_metric("celery_task_failed_total", lambda v: v == 4, name="demo.flaky")
-    settled(side)
-    assert len(messages(slack, "Retry rate above threshold")) == 1
+    side.settled()
+    assert len(slack.messages("Retry rate above threshold")) == 1
 
 
 # -- Slack trouble ----------------------------------------------------------------------------
@@ -410,13 +448,13 @@ def test_slack_rate_limits_three_times_and_the_failure_still_arrives_once(redis_
                                                                           tmp_path):
     side = sidecar(redis_srv.url, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    watching(side, "payments")
+    side.wait_worker_up("payments")
     slack.rate_limit(3, retry_after=1)
 
     result = producer(redis_srv.url).send_task("alerting.charge_card", args=["order-429"])
 
-    [message] = wait_messages(slack, "Task failed: alerting.charge_card", timeout=20, side=side)
-    settled(side)
+    [message] = slack.wait_messages("Task failed: alerting.charge_card", timeout=20, side=side)
+    side.settled()
     assert result.id in message.body["text"]
     assert [r.status for r in slack.requests] == [429, 429, 429, 200]
     gaps = [b.at - a.at for a, b in zip(slack.requests, slack.requests[1:], strict=False)]
@@ -432,7 +470,7 @@ def test_slack_down_for_30s_with_a_sidecar_restart_loses_no_alert(redis_srv, sla
     args = ("--instance-id", "sidecar-1")
     first = sidecar(redis_srv.url, *args, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="payments", app=ALERT_APP)
-    watching(first, "payments")
+    first.wait_worker_up("payments")
     app = producer(redis_srv.url)
 
     slack.down()
@@ -443,37 +481,40 @@ def test_slack_down_for_30s_with_a_sidecar_restart_loses_no_alert(redis_srv, sla
     assert first.stop() == 0, first.log()[-3000:]
 
     second = sidecar(redis_srv.url, *args, config=config, env=slack_env(slack))
-    watching(second, "payments")
+    second.wait_worker_up("payments")
     ids += [app.send_task("alerting.charge_card", args=[f"order-b{i}"]).id for i in range(2)]
     second.wait_metric("celery_sidecar_alerts_pending", lambda v: v == 5)  # 3 from the outbox, 2 new
     time.sleep(max(0.0, 30 - (time.monotonic() - outage_began)))  # the rest of the outage
     slack.up()
 
     # Retries back off up to 16 s by the end of a 30 s outage.
-    wait_for(lambda: all(mentioning(slack, i) for i in ids), timeout=45, what="every alert after the outage")
-    settled(second)
-    assert {i: len(mentioning(slack, i)) for i in ids} == dict.fromkeys(ids, 1)
+    wait_for(lambda: all(slack.mentioning(i) for i in ids), timeout=45, what="every alert after the outage")
+    second.settled()
+    assert {i: len(slack.mentioning(i)) for i in ids} == dict.fromkeys(ids, 1)
     assert len(slack.accepted()) == 5
 
 
 def test_two_sidecars_on_one_broker_post_every_alert_once(redis_srv, slack, sidecar, worker, tmp_path):
-    config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 0, "rate_limit_per_second": 50})
+    # A shutdown is posted once its worker stayed away for_seconds: both sidecars decide it.
+    config = write_config(tmp_path / "sidecar.yml", {"storm_window_seconds": 0, "rate_limit_per_second": 50,
+                                                     "rules": {"worker_shutdown": {"for_seconds": 1}}})
     sides = [sidecar(redis_srv.url, "--instance-id", name, config=config, env=slack_env(slack))
              for name in ("sidecar-a", "sidecar-b")]
     payments = worker(redis_srv.url, name="payments", app=ALERT_APP)
-    [host] = {watching(side, "payments") for side in sides}
+    [host] = {side.wait_worker_up("payments") for side in sides}
     app = producer(redis_srv.url)
 
     ids = [app.send_task("alerting.charge_card", args=[f"order-{i}"]).id for i in range(20)]
     for side in sides:  # both saw every failure, so both raised every alert
         side.wait_metric("celery_task_failed_total", lambda v: v == 20, name="alerting.charge_card")
     payments.stop()
-    wait_messages(slack, f"Worker shut down: {host}", side=sides[0])
-    wait_for(lambda: all(mentioning(slack, i) for i in ids), timeout=20, what="every failure in Slack")
-    settled(*sides)
+    slack.wait_messages(f"Worker shut down: {host}", side=sides[0])
+    wait_for(lambda: all(slack.mentioning(i) for i in ids), timeout=20, what="every failure in Slack")
+    for side in sides:
+        side.settled()
 
-    assert {i: len(mentioning(slack, i)) for i in ids} == dict.fromkeys(ids, 1)
-    assert len(messages(slack, "Worker shut down")) == 1
+    assert {i: len(slack.mentioning(i)) for i in ids} == dict.fromkeys(ids, 1)
+    assert len(slack.messages("Worker shut down")) == 1
     assert len(slack.accepted()) == 21
     sent = [side.metrics().sum("celery_sidecar_alerts_sent_total") for side in sides]
     assert sum(sent) == 21, f"sent per sidecar: {sent}"
@@ -496,12 +537,12 @@ def test_a_threshold_edited_in_the_file_changes_alerting_without_a_restart(redis
 
     # 150 is under 200: for longer than the rule's for_seconds, nothing is sent.
     side.decided(time.time() + 1 + 2 * TICK)
-    assert slack.requests == [], [headline(r) for r in slack.accepted()]
+    assert slack.requests == [], slack.headlines()
 
     write_config(path, alerts, queues=["backlog"], thresholds={"queue_length": {"normal": 100, "peak": 1000}})
     side.wait_metric("celery_threshold", lambda v: v == 100, signal="queue_length", level="normal",
                      queue_name="backlog")
-    [warning] = wait_messages(slack, "Queue length above normal threshold: backlog", side=side)
+    [warning] = slack.wait_messages("Queue length above normal threshold: backlog", side=side)
     assert "queue backlog holds 150 messages; threshold 100" in warning.body["text"]
     assert side.proc.poll() is None  # the same process: no restart
     assert side.health()[1]["config"]["valid"] is True
@@ -565,14 +606,14 @@ def test_worker_cpu_memory_and_latency_thresholds_fire_and_resolve_when_raised_l
     config = write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 20, "rules": rules}, thresholds=low)
     side = sidecar(redis_srv.url, config=config, env=slack_env(slack))
     worker(redis_srv.url, name="busy", env={"DEMO_RESOURCE_INTERVAL": "1"})
-    host = watching(side, "busy")
+    host = side.wait_worker_up("busy")
     app = producer(redis_srv.url)
     for _ in range(20):
         app.send_task("demo.ok")
 
-    [cpu] = wait_messages(slack, f"Worker CPU above threshold: {host}", timeout=30, side=side)
-    [mem] = wait_messages(slack, f"Worker memory above threshold: {host}", timeout=30, side=side)
-    [latency] = wait_messages(slack, "Task latency above threshold: normal", timeout=30, side=side)
+    [cpu] = slack.wait_messages(f"Worker CPU above threshold: {host}", timeout=30, side=side)
+    [mem] = slack.wait_messages(f"Worker memory above threshold: {host}", timeout=30, side=side)
+    [latency] = slack.wait_messages("Task latency above threshold: normal", timeout=30, side=side)
     assert "Threshold: 0%" in cpu.body["text"] and "% CPU" in cpu.body["text"]
     assert "% memory" in mem.body["text"]
     assert "p95 queue wait of normal tasks" in latency.body["text"]
@@ -580,5 +621,5 @@ def test_worker_cpu_memory_and_latency_thresholds_fire_and_resolve_when_raised_l
     write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 20, "rules": rules})  # documented defaults
     for title in (f"Resolved: worker cpu above threshold: {host}", f"Resolved: worker memory above threshold: {host}",
                   "Resolved: task latency above threshold: normal"):
-        wait_messages(slack, title, timeout=30, side=side)
+        slack.wait_messages(title, timeout=30, side=side)
     assert side.metrics().get("celery_threshold", signal="worker_cpu_percent") == 80

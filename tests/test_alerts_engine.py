@@ -7,12 +7,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from celery_sidecar.alerts.blocks import MessageRenderer
-from celery_sidecar.alerts.delivery import build_dispatcher
+from celery_sidecar.alerts.delivery.blocks import MessageRenderer
+from celery_sidecar.alerts.delivery.dispatcher import build_dispatcher
+from celery_sidecar.alerts.delivery.outbox import open_outbox
+from celery_sidecar.alerts.delivery.slack import SlackSettings
 from celery_sidecar.alerts.engine import AlertEngine
 from celery_sidecar.alerts.model import Alert
-from celery_sidecar.alerts.outbox import open_outbox
-from celery_sidecar.alerts.slack import SlackSettings
 from tests.support.inproc import DataPath, Recorder
 
 T0 = 1_700_000_000.0
@@ -102,3 +102,49 @@ def test_alerts_link_to_the_grafana_dashboard_that_shows_them_when_grafana_url_i
     assert all(a.dashboard is None for a in unlinked)
     for alert in unlinked:
         assert "Grafana" not in json.dumps(MessageRenderer().message(alert).blocks)
+
+
+def worker_event(kind: str, at: float) -> dict:
+    return {"type": f"worker-{kind}", "hostname": "w@x", "timestamp": at, "local_received": at, "freq": 2.0}
+
+
+def shutdown_story(config: dict, away: float, outage: float = 0) -> list[Alert]:
+    """A worker heartbeats, shuts down gracefully at T0 + 10, is away ``away`` seconds, and is
+    back; the broker is unreachable for the first ``outage`` seconds of that."""
+    path = DataPath.build(config, now=T0)
+    recorder = Recorder()
+    path.pipeline.add_sink(AlertEngine(path.config, path.view, recorder))
+    path.pipeline.set_connected(True)
+    path.handle(worker_event("online", T0), worker_event("heartbeat", T0 + 2))
+    path.at(T0 + 10).handle(worker_event("offline", T0 + 10))
+    for second in range(11, int(10 + away)):
+        path.pipeline.set_connected(second >= 10 + outage)
+        path.at(T0 + second).pipeline.tick(T0 + second)
+    path.pipeline.set_connected(True)
+    back = T0 + 10 + away
+    path.at(back).handle(worker_event("online", back))
+    path.pipeline.tick(back + 1)
+    return recorder.alerts
+
+
+def test_a_graceful_restart_within_the_grace_window_posts_nothing():
+    assert shutdown_story({}, away=50) == []
+    assert shutdown_story({"alerts": {"rules": {"worker_shutdown": {"for_seconds": 5}}}}, away=4) == []
+
+
+def test_a_graceful_shutdown_past_the_grace_window_is_one_message_resolved_by_the_return():
+    fired, back = shutdown_story({}, away=90)
+    assert (fired.kind, fired.status, fired.severity) == ("worker_shutdown", "firing", "info")
+    assert fired.title == "Worker shut down: w@x" and fired.created_at == T0 + 10
+    assert "for 60 s" in fired.text, "posted as the default 60 s window closed"
+    assert (back.status, back.group, back.severity) == ("resolved", fired.group, "info")
+    assert back.title == "Worker back online: w@x"
+    short = shutdown_story({"alerts": {"rules": {"worker_shutdown": {"for_seconds": 5}}}}, away=20)
+    assert [a.status for a in short] == ["firing", "resolved"] and "for 5 s" in short[0].text
+
+
+def test_the_grace_window_starts_again_when_an_unreachable_broker_is_back_and_a_disabled_rule_posts_nothing():
+    # Away 90 s, the first 50 of them unseen: 40 s of the window have passed since the broker came back.
+    assert shutdown_story({}, away=90, outage=50) == []
+    assert [a.status for a in shutdown_story({}, away=120, outage=50)] == ["firing", "resolved"]
+    assert shutdown_story({"alerts": {"rules": {"worker_shutdown": {"enabled": False}}}}, away=90) == []

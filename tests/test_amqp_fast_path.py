@@ -9,11 +9,11 @@ by a proxy in front of it (tests/support/amqp_proxy.py); everything else is Rabb
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from kombu import Connection
@@ -21,14 +21,15 @@ from kombu.utils.json import dumps
 from prometheus_client import CollectorRegistry, generate_latest
 
 from celery_sidecar.exporters.collectors import StateCollector
-from celery_sidecar.monitor.amqp_stream import fast_path_serves
-from celery_sidecar.monitor.intake import choose_path
+from celery_sidecar.monitor.intake.amqp_socket import fast_path_serves
+from celery_sidecar.monitor.intake.consumer import choose_path
 from tests.bench.traffic import Shape, TrafficGenerator
 from tests.hostile import valid_event
+from tests.support import tls
 from tests.support.amqp_proxy import AmqpProxy, close_args, method_frame, shortstr
 from tests.support.brokers import publish_raw
 from tests.support.inproc import Consumer
-from tests.support.servers import free_port, wait_for
+from tests.support.servers import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -119,18 +120,21 @@ def test_a_deleted_event_queue_is_declared_again(amqp_url, fast, caplog):
     assert "cancelled the consumer" in " ".join(r.getMessage() for r in caplog.records)
 
 
-def test_a_broker_restart_mid_stream_resumes_without_restarting_the_sidecar(amqp_url, fast):
+def test_a_connection_the_broker_closes_mid_stream_is_resumed_without_restarting_the_sidecar(amqp_url, fast):
+    """What a consumer sees of a broker restart, a failover or an operator's close: the broker
+    closes its connection (CONNECTION_FORCED), and its exclusive event queue goes with it.
+    Closed for this test's vhost alone, so the suite's other tests on the shared RabbitMQ
+    (run in parallel) keep theirs."""
     publish_raw(amqp_url, [heartbeat_of("before@host")])
     wait_for(lambda: "before@host" in fast.state.workers, timeout=20, what="the first event")
-    subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=120)
-    try:
-        wait_for(lambda: not fast.status.connected, timeout=30, what="the path to see the broker go")
-    finally:
-        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=180)
-    wait_for(lambda: fast.status.connected, timeout=60, what="the path to reconnect")
+    vhost = urlsplit(amqp_url).path.lstrip("/")
+    subprocess.run(["rabbitmqctl", "close_all_connections", "--vhost", vhost, "sidecar test: going away"],
+                   check=True, capture_output=True, timeout=120)
+    wait_for(lambda: fast.status.reconnects >= 1 and fast.status.connected, timeout=60,
+             what="the path to reconnect")
+    assert "going away" in (fast.status.last_disconnect or ""), fast.status
     publish_raw(amqp_url, [heartbeat_of("after@host")])
-    wait_for(lambda: "after@host" in fast.state.workers, timeout=30, what="an event after the restart")
-    assert fast.status.reconnects >= 1
+    wait_for(lambda: "after@host" in fast.state.workers, timeout=30, what="an event after the reconnect")
 
 
 @pytest.fixture
@@ -202,34 +206,9 @@ def test_heartbeats_keep_an_idle_connection_and_a_silent_server_is_noticed(amqp_
 def tls_relay(tmp_path_factory) -> Iterator[tuple[int, str]]:
     """amqps:// in front of the real RabbitMQ: socat terminates TLS with a certificate from a
     private CA and relays to 5672. Yields (port, the CA's PEM file)."""
-    where = tmp_path_factory.mktemp("tls")
-    ca, ca_key, cert, key = (str(where / n) for n in ("ca.pem", "ca.key", "server.pem", "server.key"))
-    openssl = ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-    subprocess.run([*openssl, "-x509", "-keyout", ca_key, "-out", ca, "-subj", "/CN=sidecar-test-ca"],
-                   check=True, capture_output=True)
-    subprocess.run([*openssl, "-keyout", key, "-out", str(where / "server.csr"), "-subj", "/CN=127.0.0.1"],
-                   check=True, capture_output=True)
-    (where / "san").write_text("subjectAltName=IP:127.0.0.1\n")
-    subprocess.run(["openssl", "x509", "-req", "-in", str(where / "server.csr"), "-CA", ca, "-CAkey", ca_key,
-                    "-CAcreateserial", "-days", "1", "-out", cert, "-extfile", str(where / "san")],
-                   check=True, capture_output=True)
-    port = free_port()
-    relay = subprocess.Popen(["socat", f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={cert},"
-                              f"key={key},verify=0", "TCP:127.0.0.1:5672"], stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _accepts(port), timeout=10, what="socat's TLS listener")
-        yield port, ca
-    finally:
-        relay.terminate()
-        relay.wait(10)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+    pki = tls.make_pki(tmp_path_factory.mktemp("tls"))
+    with tls.tls_relay(pki, 5672, verify_clients=False) as port:
+        yield port, pki.ca
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "stock"])

@@ -1,8 +1,10 @@
 """The data path runs one way, and the imports show it.
 
-intake → fold → read API → {exporters, alert engine → delivery}, with the app shell (CLI,
-wiring, demo, render) above everything. Checked on the installed package's source: an
-import that points the wrong way fails here, before it tangles the layers.
+intake → boundary → fold → read API → {exporters, alert engine → delivery}, with the app
+shell (CLI, wiring, demo, render) above everything. Checked on the installed package's
+source, sub-packages included: an import that points the wrong way fails here, before it
+tangles the layers. Only imports that run count: ``if TYPE_CHECKING:`` blocks are
+annotations, not dependencies.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +22,35 @@ from tests.support.paths import SOURCE
 
 PACKAGE = Path(celery_sidecar.__file__).parent  # the shell's own modules
 LAYERS = ("monitor", "exporters", "alerts")
+DATA = ("grafana", "nginx", "defaults")
 
 # layer -> the layers it may import from (the shell is everything not in a layer)
 ALLOWED = {
     "monitor": set(),
     "exporters": {"monitor"},
     "alerts": {"monitor"},
+}
+
+# Inside monitor/: stage -> the stages it may import. The boundary, the signal table and
+# config are leaves (config reads the signal table's rule defaults, and the signal table
+# imports nothing at run time); the fold applies checked fields under config; intakes feed
+# the fold; the read API (view, sinks, advice) reads the fold.
+MONITOR_STAGES = {
+    "boundary": set(),
+    "signals": set(),
+    "config": {"signals"},
+    "fold": {"boundary", "config", "signals"},
+    "intake": {"boundary", "config", "fold"},
+    "read": {"fold", "config", "signals"},
+}
+# What exporters/ and alerts/ may see of monitor/: the read API and config, never the inside.
+MONITOR_PUBLIC = {"read", "signals", "config"}
+
+# Inside alerts/: delivery (how an alert reaches Slack) knows nothing of when alerts fire.
+ALERT_STAGES = {
+    "model": set(),
+    "delivery": {"model"},
+    "rules": {"model"},
 }
 
 
@@ -34,26 +60,60 @@ def layer_of(module: str) -> str:
         return "external"
     if len(parts) > 1 and parts[1] in LAYERS:
         return parts[1]
-    if len(parts) > 1 and parts[1] in ("grafana", "nginx", "defaults"):
+    if len(parts) > 1 and parts[1] in DATA:
         return "data"
     return "shell"
 
 
+def monitor_stage(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] != ["celery_sidecar", "monitor"] or len(parts) < 3:
+        return None
+    if parts[2] in ("intake", "boundary", "fold", "config", "signals"):
+        return parts[2]
+    return "read"  # view, sinks, advice: monitor's top
+
+
+def alert_stage(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:2] != ["celery_sidecar", "alerts"] or len(parts) < 3:
+        return None
+    if parts[2] in ("delivery", "model"):
+        return parts[2]
+    return "rules"  # engine, stuck_lost, beat_alerts: when an alert fires
+
+
 def modules() -> dict[str, Path]:
-    """Every module of the package, by name (wherever each subpackage's files live)."""
+    """Every module of the package, sub-packages included, by name."""
     found = {}
-    for package in ("celery_sidecar", *(f"celery_sidecar.{p}" for p in (*LAYERS, "grafana", "nginx", "defaults"))):
+    for package in ("celery_sidecar", *(f"celery_sidecar.{p}" for p in (*LAYERS, *DATA))):
         spec = importlib.util.find_spec(package)
         assert spec is not None and spec.origin, package
-        for path in sorted(Path(spec.origin).parent.glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        root = Path(spec.origin).parent
+        paths = root.glob("*.py") if package == "celery_sidecar" else root.rglob("*.py")
+        for path in sorted(paths):
+            rel = path.relative_to(root).with_suffix("").parts
+            name = ".".join((package, *rel))
+            found[name.removesuffix(".__init__")] = path
     return found
 
 
-def imports_of(path: Path) -> set[str]:
+def _runtime_nodes(tree: ast.AST):
+    """Every node, except what sits under ``if TYPE_CHECKING:``."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
+def imports_of(path: Path, known: dict[str, Path] | None = None) -> set[str]:
+    """The modules ``path`` imports at run time (any package)."""
+    known = modules() if known is None else known
     tree = ast.parse(path.read_text(), str(path))
     names = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -61,12 +121,37 @@ def imports_of(path: Path) -> set[str]:
             names.add(node.module)
             # `from celery_sidecar import resources` imports a module, not a name.
             names.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if f"{node.module}.{alias.name}" in modules())
-    return {n for n in names if n.startswith("celery_sidecar")}
+                         if f"{node.module}.{alias.name}" in known)
+    return names
 
 
 def arrows() -> list[tuple[str, str]]:
-    return [(module, target) for module, path in modules().items() for target in sorted(imports_of(path))]
+    known = modules()
+    return [(module, target) for module, path in known.items()
+            for target in sorted(imports_of(path, known)) if target.startswith("celery_sidecar")]
+
+
+def runs_wrong_way(module: str, target: str) -> bool:
+    """Whether an import runs against the data path: between layers, inside monitor/ and
+    alerts/, or from exporters/ and alerts/ into monitor's inside."""
+    source, dest = layer_of(module), layer_of(target)
+    if source not in LAYERS:
+        return False
+    if dest == "data":  # package data is read through resources, by the shell
+        return True
+    if dest not in ALLOWED[source] | {source, "external"}:
+        return True
+    if source == dest == "monitor":
+        a, b = monitor_stage(module), monitor_stage(target)
+        return bool(a and b and a != b and b not in MONITOR_STAGES[a])
+    if source == dest == "alerts":
+        a, b = alert_stage(module), alert_stage(target)
+        return bool(a and b and a != b and b not in ALERT_STAGES[a])
+    return dest == "monitor" and monitor_stage(target) not in MONITOR_PUBLIC
+
+
+def wrong_way(edges: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(module, target) for module, target in edges if runs_wrong_way(module, target)]
 
 
 def test_the_package_has_the_three_layers_and_the_shell():
@@ -74,11 +159,29 @@ def test_the_package_has_the_three_layers_and_the_shell():
     assert {"monitor", "exporters", "alerts", "shell"} <= layers
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_a_layer_imports_only_the_layers_below_it(layer):
-    wrong = [(m, t) for m, t in arrows() if layer_of(m) == layer
-             and layer_of(t) not in ALLOWED[layer] | {layer, "external"}]
-    assert wrong == [], f"{layer} imports what it must not: {wrong}"
+def test_monitor_is_laid_out_along_the_data_path():
+    stages = {monitor_stage(m) for m in modules()} - {None}
+    assert stages == set(MONITOR_STAGES)
+    assert {alert_stage(m) for m in modules()} - {None} == set(ALERT_STAGES)
+
+
+def test_every_import_runs_with_the_data_path():
+    assert wrong_way(arrows()) == []
+
+
+@pytest.mark.parametrize("edge", [
+    ("celery_sidecar.monitor.fold.state", "celery_sidecar.monitor.intake.probes"),  # the fold reaching up
+    ("celery_sidecar.monitor.boundary.parse", "celery_sidecar.monitor.fold.records"),  # a leaf with a dependency
+    ("celery_sidecar.monitor.config.settings", "celery_sidecar.monitor.view"),
+    ("celery_sidecar.monitor.fold.pipeline", "celery_sidecar.monitor.sinks"),  # the fold reading its readers
+    ("celery_sidecar.exporters.collectors", "celery_sidecar.monitor.fold.state"),  # past the read API
+    ("celery_sidecar.exporters.collectors", "celery_sidecar.alerts.engine"),
+    ("celery_sidecar.monitor.view", "celery_sidecar.exporters.http"),
+    ("celery_sidecar.alerts.delivery.slack", "celery_sidecar.alerts.engine"),
+    ("celery_sidecar.monitor.view", "celery_sidecar.wiring"),
+])
+def test_the_check_catches_an_import_against_the_order(edge):
+    assert wrong_way([edge]) == [edge]
 
 
 def test_nothing_below_the_shell_imports_the_shell():
@@ -86,15 +189,20 @@ def test_nothing_below_the_shell_imports_the_shell():
     assert wrong == []
 
 
+GENERATOR = {f"celery_sidecar.grafana.{m}"
+             for m in ("dashboards", "panels", "overview", "queues", "sidecar_row", "task_dashboard")}
+
+
 def test_the_dashboard_generator_is_build_time_code_nothing_imports():
-    """grafana/dashboards.py builds the shipped JSON with grafana-foundation-sdk, a build extra:
-    it may read the signal table, and nothing in the package may import it or the SDK."""
-    generator = "celery_sidecar.grafana.dashboards"
-    assert generator in modules()
-    importers = [(m, t) for m, t in arrows() if t.startswith("celery_sidecar.grafana") and layer_of(m) != "data"]
+    """grafana/ builds the shipped JSON with grafana-foundation-sdk, a build extra: it may read
+    the signal table and config, and nothing in the package may import it or the SDK."""
+    assert set(modules()) >= GENERATOR
+    importers = [(m, t) for m, t in arrows() if t in GENERATOR and m not in GENERATOR]
     assert importers == []
-    assert {layer_of(t) for m, t in arrows() if m == generator} <= {"monitor"}
-    sdk_users = [m for m, path in modules().items() if m != generator and "grafana_foundation_sdk" in path.read_text()]
+    assert {monitor_stage(t) or layer_of(t) for m, t in arrows() if m in GENERATOR and t not in GENERATOR} <= {
+        "signals", "config"}
+    sdk_users = [m for m, path in modules().items()
+                 if m not in GENERATOR and "grafana_foundation_sdk" in path.read_text()]
     assert sdk_users == [], "grafana-foundation-sdk is not a runtime dependency"
 
 
@@ -105,16 +213,32 @@ def test_exporters_and_alerts_read_state_only_through_the_view():
         if layer_of(module) not in ("exporters", "alerts"):
             continue
         text = path.read_text()
-        for pattern in (r"\.lock\b", r"\bstate\.(workers|tasks|counters|retry_windows|latency_windows)\b",
-                        r"import State\b"):
+        for pattern in (r"\.lock\b", r"\bstate\.(workers|tasks|counters|\w+_fold)\b", r"import State\b"):
             if re.search(pattern, text):
                 offenders.append((module, pattern))
     assert offenders == []
 
 
-def test_the_plugin_imports_nothing_heavier_than_celery_and_psutil():
-    """It runs inside the user's worker."""
-    assert imports_of(PACKAGE / "plugin.py") == set()
+# The worker plugin runs inside the user's worker: the standard library, celery (and what
+# celery itself imports) and psutil, nothing else.
+PLUGIN_MAY_IMPORT = {"celery", "kombu", "psutil"}
+
+
+def third_party(names: set[str]) -> set[str]:
+    tops = {name.split(".")[0] for name in names}
+    return {t for t in tops if t not in sys.stdlib_module_names and t != "__future__"}
+
+
+def test_the_plugin_imports_only_celery_psutil_and_the_standard_library():
+    imported = imports_of(PACKAGE / "plugin.py")
+    assert third_party(imported) <= PLUGIN_MAY_IMPORT, third_party(imported) - PLUGIN_MAY_IMPORT
+    assert not any(n.startswith("celery_sidecar") for n in imported)
+
+
+def test_the_plugin_check_would_catch_a_heavier_import(tmp_path):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text((PACKAGE / "plugin.py").read_text() + "\nimport requests\nfrom yaml import safe_load\n")
+    assert third_party(imports_of(plugin)) - PLUGIN_MAY_IMPORT == {"requests", "yaml"}
 
 
 def test_the_architecture_doc_names_real_files():

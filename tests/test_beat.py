@@ -14,12 +14,12 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from celery_sidecar.alerts.beat import BeatAlerts
+from celery_sidecar.alerts.beat_alerts import BeatAlerts
 from celery_sidecar.alerts.engine import AlertEngine
 from celery_sidecar.app import read
-from celery_sidecar.monitor.config import ConfigError, parse_config
-from celery_sidecar.monitor.reload import ConfigReloader
-from celery_sidecar.monitor.status import Status
+from celery_sidecar.monitor.config.reload import ConfigReloader
+from celery_sidecar.monitor.config.settings import ConfigError, parse_config
+from celery_sidecar.monitor.fold.status import Status
 from tests.support.inproc import DataPath, Recorder
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
@@ -155,6 +155,25 @@ def test_beat_down_is_one_alert_instead_of_one_per_entry_and_the_next_run_resolv
     assert path.view.snapshot().beat_down_since is None
 
 
+def test_entries_that_never_ran_say_since_when_the_sidecar_watched_not_never_seen():
+    path, recorder = watching({"beat": [
+        {"entry": "tick", "task": "app.tick", "every": 10},
+        {"entry": "sweep", "task": "app.sweep", "every": 30},
+    ]})
+    started = utc(path.view.snapshot().started_at)
+    tick(path, T0 + 13.5)  # tick's first due (T0+10) passed with no run
+    [missed] = firing(recorder, "beat_missed")
+    assert missed.text == (f"periodic task missed: tick (app.tick), due at {utc(T0 + 10)}, "
+                           f"no run since the sidecar started at {started}")
+    assert missed.fields["Last run"] == f"none since the sidecar started at {started}"
+    tick(path, T0 + 33.5)  # sweep's too: Beat looks down, and no periodic task ever ran
+    [down] = firing(recorder, "beat_down")
+    assert down.text.startswith(f"No periodic task has run since the sidecar started at {started}; "
+                                "entries missed since then: "), down.text
+    for alert in recorder.alerts:
+        assert "never" not in alert.text and "never" not in " ".join(alert.fields.values())
+
+
 def test_one_entry_missing_again_and_again_while_others_run_is_not_beat_down():
     path, recorder = watching({"beat": [
         {"entry": "often", "task": "app.often", "every": 5},  # misconfigured: Beat never sends it
@@ -266,7 +285,7 @@ def test_entries_hot_reload_and_a_bad_edit_keeps_the_watched_ones(tmp_path: Path
     path = DataPath.build(parse_config(yaml.safe_load(file.read_text())), now=T0)
     path.pipeline.set_connected(True)
     status = Status(config_path=str(file))
-    reloader = ConfigReloader(file, path.config, status)
+    reloader = ConfigReloader(file, path.config, status.reload_result)
     run(path, "app.crawl", T0 + 1800)
 
     file.write_text(yaml.safe_dump({"beat": [

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.support.configs import write_config
 from tests.support.fake_slack import FakeSlack, Request
 from tests.support.paths import child_env
 from tests.support.procs import Process, SidecarProcess
-from tests.support.servers import wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,24 +40,12 @@ def wall(request: Request) -> float:
     return request.at + (time.time() - time.monotonic())
 
 
-def message(slack: FakeSlack, headline: str, side: SidecarProcess, timeout: float = 30) -> Request:
-    def find() -> Request | None:
-        return next((r for r in slack.accepted() if headline in r.body.get("text", "").split("\n")[0]), None)
-
-    try:
-        return wait_for(find, timeout=timeout, interval=0.1, what=headline)
-    except TimeoutError:
-        got = [r.body.get("text", "").splitlines()[0] for r in slack.accepted()]
-        raise AssertionError(f"no {headline!r} in Slack; got {got}\n{side.log()[-3000:]}") from None
-
-
 Started = tuple[Process, Path, SidecarProcess]  # Beat, its schedule file, the sidecar
 
 
 def start(procs, worker, app: str, broker_url: str, slack: FakeSlack, tmp_path: Path) -> Started:
     """A worker and Beat of the app, and `celery -A app sidecar` posting to the fake Slack."""
-    config = tmp_path / "sidecar.yml"
-    config.write_text(yaml.safe_dump({"alerts": {"rate_limit_per_second": 20}}))
+    config = write_config(tmp_path / "sidecar.yml", {"rate_limit_per_second": 20})
     schedule = tmp_path / "celerybeat-schedule"
     worker(broker_url, name="beatworker", app=app, queues="celery")
     beat = start_beat(procs, app, broker_url, schedule)
@@ -86,26 +73,26 @@ def test_beat_stops_and_starts_missed_then_beat_not_scheduling_then_both_resolve
     # Beat stops: the entry is missed within two periods plus grace, then Beat is down.
     beat.stop()
     stopped = time.time()
-    missed = message(slack, "Periodic task missed: tick-every-2s (beat.tick)", side)
+    missed = slack.wait_message("Periodic task missed: tick-every-2s (beat.tick)", side=side)
     assert wall(missed) - stopped <= 2 * PERIOD + GRACE + DELIVERY, (
         f"missed alert {wall(missed) - stopped:.1f} s after Beat stopped")
     text = missed.body["text"]
     assert "periodic task missed: tick-every-2s (beat.tick), due at " in text and ", last run 20" in text
-    down = message(slack, "Beat is not scheduling", side)
+    down = slack.wait_message("Beat is not scheduling", side=side)
     assert wall(down) >= wall(missed)
     assert side.metrics().get("celery_beat_down") == 1
     assert side.metrics().get("celery_beat_entry_missed_total", entry="tick-every-2s") >= 2
 
     # Beat starts again (same schedule file): both resolve.
     start_beat(procs, TICKING, redis_srv.url, schedule)
-    message(slack, "Beat is scheduling again", side)
-    message(slack, "Periodic task ran again: tick-every-2s (beat.tick)", side)
+    slack.wait_message("Beat is scheduling again", side=side)
+    slack.wait_message("Periodic task ran again: tick-every-2s (beat.tick)", side=side)
     side.wait_metric("celery_beat_down", lambda v: v == 0)
 
 
 def test_the_failure_alert_of_a_periodic_run_names_its_entry(redis_srv, procs, worker, slack, tmp_path):
     _, _, side = start(procs, worker, FAILING, redis_srv.url, slack, tmp_path)
-    failed = message(slack, "Task failed: beat.fail", side)
+    failed = slack.wait_message("Task failed: beat.fail", side=side)
     body = json.dumps(failed.body)
     assert "Periodic entry" in body and "fail-every-2s" in body
     assert side.metrics().get("celery_beat_entry_missed_total", entry="fail-every-2s") == 0

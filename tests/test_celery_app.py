@@ -15,7 +15,7 @@ import pytest
 from celery import Celery
 
 from celery_sidecar.app import read
-from celery_sidecar.monitor.config import parse_config
+from celery_sidecar.monitor.config.settings import parse_config
 from tests.support.paths import SIDECAR, SUITE, child_env
 from tests.support.procs import SidecarProcess
 
@@ -71,6 +71,7 @@ def test_run_with_app_is_the_same_as_celery_a_sidecar(redis_srv, procs):
     side.wait_metric("celery_queue_length", lambda v: v == 1, queue_name="from-task-queues")
 
 
+@pytest.mark.e2e  # `celery-sidecar run`, as a subprocess
 @pytest.mark.parametrize(("spec", "says"), [
     ("tests.support.broken_app", "cannot load the Celery app 'tests.support.broken_app': "
                                  "ZeroDivisionError: division by zero"),

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from celery_sidecar.monitor.config import Config, load_config
+import pytest
+
+from celery_sidecar.monitor.config.settings import Config, load_config
 from tests.support.paths import SIDECAR, SUITE, child_env, package_file
 
 
@@ -24,6 +26,7 @@ def test_shipped_config_is_exactly_the_documented_defaults():
     assert (t.worker_cpu_percent, t.worker_memory_percent, t.retry_rate_percent) == (80, 70, 5)
 
 
+@pytest.mark.e2e  # `config check` runs as a subprocess, as a user runs it
 def test_config_check_prints_the_effective_thresholds(tmp_path):
     config = tmp_path / "sidecar.yml"
     config.write_text("queue_overrides: {bulk: {normal: 500, peak: 5000}}\nheavy_tasks: ['reports.*']\n")
@@ -36,6 +39,7 @@ def test_config_check_prints_the_effective_thresholds(tmp_path):
     assert "reports.*" in result.stdout
 
 
+@pytest.mark.e2e
 def test_a_bad_file_names_the_key_and_the_problem(tmp_path):
     config = tmp_path / "sidecar.yml"
     config.write_text("thresholds:\n  worker_cpu_percent: -3\n  retry_rate: 5\n")
@@ -45,6 +49,7 @@ def test_a_bad_file_names_the_key_and_the_problem(tmp_path):
     assert "thresholds.retry_rate: unknown key" in result.stderr
 
 
+@pytest.mark.e2e
 def test_invalid_yaml_gives_the_line(tmp_path):
     config = tmp_path / "sidecar.yml"
     config.write_text("thresholds:\n  queue_length: {normal: 10\n")
@@ -53,6 +58,7 @@ def test_invalid_yaml_gives_the_line(tmp_path):
     assert "invalid YAML at line" in result.stderr
 
 
+@pytest.mark.e2e
 def test_missing_file_and_peak_below_normal(tmp_path):
     result = check(tmp_path / "nope.yml")
     assert result.returncode != 0 and "cannot read the config file" in result.stderr

@@ -14,16 +14,22 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
 from celery_sidecar.exporters.task_classes import TaskClassCollector
 from celery_sidecar.grafana.dashboards import dashboards
-from celery_sidecar.monitor.config import Config
-from celery_sidecar.monitor.dashboard_links import OVERVIEW_UID, TASK_UID
+from celery_sidecar.grafana.panels import OWN_LABELS, own_labels
+from celery_sidecar.grafana.sidecar_row import EVENTS_MISSED_SHARE, STREAM_WINDOW
+from celery_sidecar.monitor.config.dashboard_links import OVERVIEW_UID, TASK_UID
+from celery_sidecar.monitor.config.settings import Config
 from celery_sidecar.monitor.signals import thresholds
+from tests.support import doc_tables
 from tests.support.inproc import DataPath
+from tests.support.paths import package_file
+from tests.support.promql import undeduplicated
 from tests.support.stack import DASHBOARD, DASHBOARDS, TASK_DASHBOARD, dashboard_expressions, load_dashboard
 
 IDS = [p.name for p in DASHBOARDS]
@@ -94,6 +100,62 @@ def test_the_per_task_dashboard_has_task_and_queue_and_the_overview_links_to_it(
     # And the two link to each other in their headers, keeping the time range.
     assert any(link["url"] == f"/d/{TASK_UID}" and link["keepTime"] for link in overview["links"])
     assert any(link["url"] == f"/d/{OVERVIEW_UID}" and link["keepTime"] for link in task["links"])
+
+
+# -- two sidecars scraped by one Prometheus ----------------------------------------------------
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=IDS)
+def test_every_series_a_dashboard_queries_is_taken_once_across_sidecars(path: Path):
+    """Two sidecars export the same series (instance tells them apart): each must be taken once,
+    by max or min over its own labels, before anything adds series up (docs/deploy.md, HA)."""
+    problems = [f"{where}: {problem}\n    {expr}" for where, expr in dashboard_expressions(load_dashboard(path))
+                for problem in undeduplicated(expr, own_labels)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_dedup_check_finds_a_series_counted_per_sidecar():
+    """The check above can fail: sums over the copies, a kept target label, a bare series."""
+    assert undeduplicated('sum(celery_worker_up{hostname=~"$hostname"})', own_labels)
+    assert undeduplicated("sum by (name) (rate(celery_task_succeeded_total[1m]))", own_labels)
+    assert undeduplicated("max by (instance, hostname) (celery_worker_up)", own_labels)
+    assert undeduplicated("max without (instance) (celery_worker_up)", own_labels)
+    assert undeduplicated("celery_queue_length > 100", own_labels)
+    assert undeduplicated('count(celery_task_class{task_class="heavy"})', own_labels)
+    assert not undeduplicated("sum(max by (hostname) (celery_worker_up))", own_labels)
+    assert not undeduplicated(
+        "histogram_quantile(0.95, sum by (le) (max by (name, hostname, queue_name, le) "
+        "(rate(celery_task_runtime_bucket[1m]))))", own_labels)
+
+
+def test_own_labels_are_the_labels_the_sidecar_exports():
+    """The dedup groups by these: a label missing here would merge series, one too many would
+    group by a label no series has (harmless, but then the table is wrong)."""
+    served = {family.name: set(family.labels) for family in doc_tables.served_families()}
+    wrong = {name: (labels, served.get(name)) for name, labels in OWN_LABELS.items()
+             if set(labels) != served.get(name)}
+    assert not wrong, f"OWN_LABELS (grafana/panels.py) differs from /metrics: {wrong}"
+
+
+def test_the_event_stream_panel_shows_what_its_alert_judges():
+    """Missed / expected over the rule's window, the lowest share across sidecars, against the
+    events_missed_ratio threshold line; and the end events never seen beside it."""
+    top = load_dashboard(DASHBOARD)["panels"]
+    start = next(i for i, p in enumerate(top) if p["type"] == "row" and p["title"] == "Sidecar")
+    sidecar_row = top[start + 1:]
+    assert all(p["type"] != "row" for p in sidecar_row), "the Sidecar row is the last"
+    [missed] = [p for p in sidecar_row if p["title"] == "Task events missed vs threshold"]
+    exprs = [t["expr"] for t in missed["targets"]]
+    assert exprs[0] == EVENTS_MISSED_SHARE
+    assert any('signal="events_missed_ratio", level="limit"' in e for e in exprs[1:])
+    rules = yaml.safe_load(package_file("alerts/prometheus/rules.yml").read_text())
+    [rule] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "CeleryEventStreamIncomplete"]
+    for counter in ("missed", "expected"):
+        window = f"increase(celery_sidecar_task_events_{counter}_fleet_total[{STREAM_WINDOW}])"
+        assert window in EVENTS_MISSED_SHARE and window in rule["expr"], counter
+    assert EVENTS_MISSED_SHARE.startswith("min(") and "min(" in rule["expr"]
+    [unseen] = [p for p in sidecar_row if p["title"] == "End events unseen by task"]
+    assert "celery_task_end_unseen_total" in unseen["targets"][0]["expr"]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=IDS)

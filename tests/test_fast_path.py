@@ -20,8 +20,8 @@ from kombu.utils.json import dumps
 from prometheus_client import CollectorRegistry, generate_latest
 
 from celery_sidecar.exporters.collectors import StateCollector
-from celery_sidecar.monitor.decoder import EventDecoder
-from celery_sidecar.monitor.redis_stream import endpoint_for, stream_events
+from celery_sidecar.monitor.intake.decoder import EventDecoder
+from celery_sidecar.monitor.intake.redis_pubsub import endpoint_for, stream_events
 from tests.bench.publish import Publisher
 from tests.bench.traffic import Message, Shape, TrafficGenerator, channel_for, encode_message
 from tests.support.inproc import Consumer, DataPath
@@ -65,7 +65,7 @@ MALFORMED: list[tuple[bytes, str]] = [
 ]
 # Broken envelopes kombu itself trips over before EventReceiver sees anything: unguarded, it
 # logs and drops the first, and raises out of drain_events on the second (a reconnect).
-# Both paths count both and carry on (the stock path through monitor/stock_stream.py's guards).
+# Both paths count both and carry on (the stock path through monitor/intake/event_receiver.py's guards).
 BROKEN_ENVELOPES: list[tuple[bytes, str]] = [
     (b"{not json", "undecodable"),
     (_envelope({}).replace(b'"body": "e30="', b'"body": "%%%not base64"'), "undecodable"),
@@ -239,7 +239,8 @@ def test_envelopes_kombu_trips_over_are_counted_without_a_reconnect(redis: Redis
 def test_benchmark_traffic_is_encoded_like_a_real_event_dispatcher(redis: RedisServer) -> None:
     pubsub = redis.client().pubsub()
     pubsub.psubscribe("/0.celeryev/*")
-    pubsub.get_message(timeout=1)
+    # Redis confirms once the pattern is live: events sent before that would not be heard.
+    wait_for(lambda: pubsub.get_message(timeout=0.1), timeout=5, what="the psubscribe confirmation")
     app = Celery(broker=redis.url, set_as_current=False)
     with app.connection_for_write() as conn:
         dispatcher = EventDispatcher(conn, hostname="w1@h", app=app, buffer_group={"task"}, buffer_limit=2)
@@ -293,16 +294,19 @@ def test_fast_path_hears_events_whatever_the_channel_options(redis: RedisServer,
         thread.join(5)
 
 
-@pytest.mark.parametrize("url", [
-    "rediss://127.0.0.1:6379/0?ssl_cert_reqs=required",
-    "sentinel://127.0.0.1:26379",
-    "redis+socket:///tmp/redis.sock",
-    "amqp://guest:guest@127.0.0.1//",
+@pytest.mark.parametrize(("url", "options", "ssl"), [
+    ("redis://127.0.0.1:6379/0", {"credential_provider": "proj.creds.Provider"}, None),
+    ("sentinel://127.0.0.1:26379", {}, None),  # no master_name: kombu says what is missing
+    ("sentinel://127.0.0.1:26379", {"master_name": "m", "sentinel_fanout_compat": True}, None),
+    ("rediss://127.0.0.1:6379/0", {}, {"ssl_validate_ocsp": True}),
+    ("amqp://guest:guest@127.0.0.1//", {}, None),
 ])
-def test_urls_the_fast_path_leaves_to_kombu(url: str) -> None:
-    assert endpoint_for(url) is None
+def test_urls_the_fast_path_leaves_to_kombu(url: str, options: dict, ssl: dict | None) -> None:
+    """Every other Redis URL form is the fast path's (tests/test_redis_production.py)."""
+    assert endpoint_for(url, options, ssl) is None
 
 
+@pytest.mark.e2e
 def test_password_in_the_url_is_used_and_a_wrong_one_is_a_clear_error() -> None:
     with redis_server() as server:
         server.client().config_set("requirepass", "s3cret")
@@ -320,6 +324,7 @@ def test_password_in_the_url_is_used_and_a_wrong_one_is_a_clear_error() -> None:
                           lambda _r: None, threading.Event())
 
 
+@pytest.mark.e2e
 def test_a_broker_restart_raises_connection_error_and_the_intake_resumes() -> None:
     with redis_server() as server:
         consumer = _Consumer(server.url, fast_path=True)

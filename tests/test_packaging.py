@@ -20,7 +20,7 @@ import pytest
 
 import celery_sidecar
 from celery_sidecar import resources
-from celery_sidecar.monitor.state import RESOURCE_EVENT
+from celery_sidecar.monitor.boundary.parse import RESOURCE_EVENT
 from celery_sidecar.plugin import EVENT_TYPE
 from tests.support.paths import SOURCE, child_env
 
@@ -139,6 +139,7 @@ def test_an_app_with_its_own_monitor_and_alerts_packages_keeps_them_and_runs_the
     assert side.metrics().get("celery_sidecar_events_total", type="worker-resources") >= 1
 
 
+@pytest.mark.e2e  # the console script, as a subprocess
 def test_render_from_the_installed_console_script_gives_configs_nginx_and_promtool_accept(tmp_path):
     out = tmp_path / "out"
     env = child_env(FLOWER_USER="u", FLOWER_PASSWORD="p", GRAFANA_ADMIN_PASSWORD="g", ALLOW_CIDRS="10.0.0.0/8")
@@ -160,6 +161,7 @@ def test_render_from_the_installed_console_script_gives_configs_nginx_and_promto
     assert "rules found" in promtool.stdout
 
 
+@pytest.mark.e2e
 def test_config_example_prints_the_documented_defaults(tmp_path):
     result = subprocess.run([console_script(), "config", "example"], capture_output=True, text=True,
                             env=child_env(), timeout=60)

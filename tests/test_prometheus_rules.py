@@ -16,10 +16,12 @@ import jinja2
 import pytest
 import yaml
 
-from celery_sidecar.monitor.dashboard_links import OVERVIEW_UID, TASK_UID, VARIABLE_OF_SUBJECT
+from celery_sidecar.grafana.panels import own_labels
+from celery_sidecar.monitor.config.dashboard_links import OVERVIEW_UID, TASK_UID, VARIABLE_OF_SUBJECT
 from celery_sidecar.monitor.signals import SIGNALS
 from celery_sidecar.render import GRAFANA_URL_PLACEHOLDER
 from tests.support.paths import package_file
+from tests.support.promql import undeduplicated
 
 # The installed package's copies: what render writes and Prometheus loads.
 RULES = package_file("alerts/prometheus/rules.yml")
@@ -72,11 +74,13 @@ def render_alertmanager_config(**settings: str) -> str:
 # ------------------------------------------------------------------ promtool
 
 
+@pytest.mark.e2e  # runs promtool or amtool: not in the quick tier
 def test_rules_pass_promtool_check() -> None:
     promtool = require_tool("promtool")
     assert_ok(run(promtool, "check", "rules", RULES))
 
 
+@pytest.mark.e2e
 def test_rules_pass_their_promtool_unit_tests() -> None:
     promtool = require_tool("promtool")
     assert_ok(run(promtool, "test", "rules", RULES_TEST))
@@ -141,6 +145,25 @@ def test_every_recording_rule_has_a_promql_expr_test() -> None:
     assert not untested, f"recording rules with no promql_expr_test in {RULES_TEST.name}: {untested}"
 
 
+# About one sidecar each: every sidecar that lost the broker is its own alert, naming it.
+PER_SIDECAR = {"CelerySidecarBrokerDisconnected"}
+
+
+def test_every_rule_takes_each_series_once_across_sidecars() -> None:
+    """Two sidecars scraped by one Prometheus export the same series (instance tells them
+    apart): each rule takes every series once, by max or min over its own labels, so an alert
+    fires once and a count is not doubled. The two-sidecar promtool stories show it per rule."""
+    problems = []
+    for rule in recording_rules() + alert_rules():
+        name = rule.get("alert") or rule["record"]
+        if name not in PER_SIDECAR:
+            problems += [f"{name}: {problem}" for problem in undeduplicated(rule["expr"], own_labels)]
+    assert not problems, "\n".join(problems)
+    for name in PER_SIDECAR:
+        [rule] = [r for r in alert_rules() if r["alert"] == name]
+        assert "$labels.instance" in rule["annotations"]["summary"], f"{name} is about one sidecar: name it"
+
+
 def test_thresholds_come_from_the_exported_gauges() -> None:
     """A rule that compares against a number would silently ignore a threshold change."""
     threshold_alerts = {
@@ -167,6 +190,7 @@ def test_thresholds_come_from_the_exported_gauges() -> None:
     ],
     ids=["with-channel", "webhook-default-channel"],
 )
+@pytest.mark.e2e
 def test_rendered_alertmanager_config_passes_amtool(tmp_path: Path, settings: dict[str, str]) -> None:
     amtool = require_tool("amtool")
     config_file = tmp_path / "alertmanager.yml"

@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from celery_sidecar.monitor.config import Config
+from celery_sidecar.monitor.config.settings import Config
 from celery_sidecar.monitor.signals import EVENT_RULES, SIGNALS, markdown_table, thresholds
 from tests.support.paths import SOURCE, package_file
 
@@ -33,6 +33,10 @@ def test_every_signal_has_a_prometheus_alert_judging_it_against_its_thresholds(s
     alert = ALERTS.get(signal.prometheus_alert)
     assert alert is not None, f"rules.yml has no alert {signal.prometheus_alert} for signal {signal.rule}"
     compared = set(THRESHOLD_REF.findall(alert["expr"]))
+    if signal.decided_by is not None:
+        # The sidecar's verdict is the gauge; the alert judges it and quotes the threshold.
+        assert signal.decided_by in alert["expr"], f"{signal.prometheus_alert} does not judge {signal.decided_by}"
+        compared = set(re.findall(r"signal='([a-z_]+)'", " ".join(alert.get("annotations", {}).values())))
     assert compared == threshold_names(signal), (
         f"{signal.prometheus_alert} compares against {compared}, the table says {threshold_names(signal)}")
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from celery_sidecar.alerts.blocks import MAX_BLOCKS, MAX_HEADER_TEXT, MAX_SECTION_TEXT, check_templates
-from celery_sidecar.alerts.delivery import DeliveryTiming, Dispatcher, build_dispatcher
+from celery_sidecar.alerts.delivery.blocks import MAX_BLOCKS, MAX_HEADER_TEXT, MAX_SECTION_TEXT, check_templates
+from celery_sidecar.alerts.delivery.dispatcher import DeliveryTiming, Dispatcher, build_dispatcher
+from celery_sidecar.alerts.delivery.outbox import open_outbox
+from celery_sidecar.alerts.delivery.routing import Router
+from celery_sidecar.alerts.delivery.slack import SlackSettings, validate_webhook_url
 from celery_sidecar.alerts.model import Alert
-from celery_sidecar.alerts.outbox import open_outbox
-from celery_sidecar.alerts.routing import Router
-from celery_sidecar.alerts.slack import SlackSettings, validate_webhook_url
-from celery_sidecar.monitor.alerts_config import AlertsConfig, MuteWindow
-from celery_sidecar.monitor.config import Config, LiveConfig
-from celery_sidecar.monitor.reload import ConfigReloader
-from celery_sidecar.monitor.status import Status
+from celery_sidecar.monitor.config.alert_rules import AlertsConfig, MuteWindow
+from celery_sidecar.monitor.config.reload import ConfigReloader
+from celery_sidecar.monitor.config.settings import Config, LiveConfig
+from celery_sidecar.monitor.fold.status import Status
 from tests.support.fake_slack import TOKEN, FakeSlack
 from tests.support.servers import RedisServer, wait_for
 
@@ -105,10 +105,6 @@ def sidecar(tmp_path: Path, slack: FakeSlack) -> Iterator[Callable[..., Dispatch
         dispatcher.stop(timeout=1)
 
 
-def delivered(slack: FakeSlack, count: int, timeout: float = 10) -> None:
-    wait_for(lambda: len(slack.accepted()) >= count, timeout=timeout, what=f"{count} messages in Slack")
-
-
 def settled(*dispatchers: Dispatcher, timeout: float = 10) -> None:
     wait_for(lambda: all(d.pending_count() == 0 for d in dispatchers), timeout=timeout, what="empty outbox")
 
@@ -133,7 +129,7 @@ def test_a_failed_task_becomes_one_slack_message_with_its_blocks(broker, slack, 
     dispatcher = sidecar(broker)
     dispatcher.submit(make_alert("t1"))
 
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
     settled(dispatcher)
     [message] = slack.accepted("webhook")
     blocks = message.body["blocks"]
@@ -151,7 +147,7 @@ def test_slack_rate_limits_three_times_and_the_message_still_arrives_once(broker
     started = time.monotonic()
     dispatcher.submit(make_alert("t1"))
 
-    delivered(slack, 1, timeout=15)
+    slack.wait_messages(count=1, timeout=15)
     elapsed = slack.accepted()[0].at - started
     settled(dispatcher)
     assert elapsed >= 2.9, f"sent after {elapsed:.2f}s, before three Retry-After waits"
@@ -182,7 +178,7 @@ def test_a_resolved_alert_edits_its_firing_message(broker, slack, sidecar):
     dispatcher.submit(make_alert("q-fire", group="queue:celery", kind="threshold", task_name=None))
     dispatcher.submit(make_alert("q-ok", group="queue:celery", kind="threshold", status="resolved", task_name=None))
 
-    delivered(slack, 2)
+    slack.wait_messages(count=2)
     settled(dispatcher)
     post, update = slack.accepted()
     assert post.method == "chat.postMessage" and update.method == "chat.update"
@@ -194,10 +190,10 @@ def test_a_resolved_alert_edits_its_firing_message(broker, slack, sidecar):
 def test_a_resolved_alert_replies_in_the_thread_when_configured(broker, slack, sidecar):
     dispatcher = sidecar(broker, QUICK.model_copy(update={"resolve_style": "thread"}), mode="bot")
     dispatcher.submit(make_alert("w-off", group="worker:w1", kind="worker_offline", task_name=None))
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
     dispatcher.submit(make_alert("w-on", group="worker:w1", kind="worker_offline", status="resolved", task_name=None))
 
-    delivered(slack, 2)
+    slack.wait_messages(count=2)
     post, reply = slack.accepted()
     assert reply.method == "chat.postMessage"
     assert reply.body["thread_ts"] == post.reply["ts"]
@@ -213,7 +209,7 @@ def test_severities_go_to_their_channels_and_critical_mentions_the_team(broker, 
     dispatcher.submit(make_alert("warn", severity="warning"))
     dispatcher.submit(make_alert("info", severity="info"))
 
-    delivered(slack, 3)
+    slack.wait_messages(count=3)
     by_channel = {r.body["channel"]: r.body for r in slack.accepted()}
     assert set(by_channel) == {"#oncall", "#alerts-warn", "#general"}
     critical = by_channel["#oncall"]
@@ -228,7 +224,7 @@ def test_messages_to_one_channel_are_paced(broker, slack, sidecar):
     for key in ("p1", "p2", "p3"):
         dispatcher.submit(make_alert(key))
 
-    delivered(slack, 3)
+    slack.wait_messages(count=3)
     times = [r.at for r in slack.accepted()]
     assert all(later - earlier >= 0.45 for earlier, later in itertools.pairwise(times)), times
     assert sent_keys(slack) == ["p1", "p2", "p3"]
@@ -259,7 +255,7 @@ def test_a_restart_during_a_slack_outage_loses_nothing_and_posts_each_alert_once
     assert slack.accepted() == []
     slack.up()
 
-    delivered(slack, 3)
+    slack.wait_messages(count=3)
     settled(second)
     assert sorted(sent_keys(slack)) == ["a1", "a2", "a3"]
 
@@ -272,7 +268,7 @@ def test_two_sidecars_on_one_broker_post_each_alert_once(broker, slack, sidecar)
         one.submit(alert)
         two.submit(alert)
 
-    delivered(slack, 6)
+    slack.wait_messages(count=6)
     settled(one, two)
     assert sorted(sent_keys(slack)) == [f"k{i}" for i in range(6)]
 
@@ -284,7 +280,7 @@ def test_a_dead_sidecars_claim_expires_and_another_sidecar_sends(broker, redis_s
     started = time.monotonic()
     dispatcher.submit(alert)
 
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
     settled(dispatcher)
     [message] = slack.accepted()
     assert message.at - started >= 1.4, "sent while another sidecar held the claim"
@@ -303,7 +299,7 @@ def test_alerts_raised_while_the_broker_redis_is_down_are_sent_when_it_is_back(b
         assert slack.accepted() == []  # no claim, no dedup: it waits rather than risk a double post
     finally:
         redis_srv.restart()
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
     settled(dispatcher)
     assert sent_keys(slack) == ["r1"]
 
@@ -319,7 +315,7 @@ def test_without_a_redis_broker_the_file_outbox_survives_a_restart(tmp_path, sla
 
     slack.up()
     second = sidecar(AMQP_BROKER)
-    delivered(slack, 2)
+    slack.wait_messages(count=2)
     settled(second)
     assert len(slack.accepted()) == 2
 
@@ -334,7 +330,7 @@ def test_a_muted_alert_is_dropped_and_so_is_its_resolution(broker, slack, sideca
     dispatcher.submit(make_alert("muted-ok", group="g1", status="resolved"))
     dispatcher.submit(make_alert("loud", severity="critical"))
 
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
     settled(dispatcher)
     assert len(slack.accepted()) == 1
     assert sent_keys(slack) == ["loud"]
@@ -364,7 +360,7 @@ def test_task_patterns_include_and_exclude(broker, slack, sidecar):
     dispatcher.submit(make_alert("foreign", task_name="other.tasks.x"))
     dispatcher.submit(make_alert("no-task", task_name=None, kind="worker_offline"))
 
-    delivered(slack, 2)
+    slack.wait_messages(count=2)
     settled(dispatcher)
     assert sorted(sent_keys(slack)) == ["no-task", "wanted"]
     assert metric(dispatcher, "celery_sidecar_alerts_dropped_total", reason="excluded") == 2
@@ -375,13 +371,13 @@ def test_a_reloaded_config_applies_and_a_broken_one_is_refused(broker, slack, si
     path.write_text("alerts: {rate_limit_per_second: 50}\n")
     live, status = LiveConfig(Config(alerts=QUICK)), Status()
     dispatcher = sidecar(broker, live)
-    reloader = ConfigReloader(path, live, status, [dispatcher.check])
+    reloader = ConfigReloader(path, live, status.reload_result, [dispatcher.check])
 
     path.write_text("alerts: {rate_limit_per_second: 50, exclude_tasks: ['app.tasks.*']}\n")
     assert reloader.check()
     dispatcher.submit(make_alert("excluded"))
     dispatcher.submit(make_alert("kept", task_name="billing.charge"))
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
 
     templates = tmp_path / "broken"
     templates.mkdir()
@@ -392,7 +388,7 @@ def test_a_reloaded_config_applies_and_a_broken_one_is_refused(broker, slack, si
     assert live.current.alerts.exclude_tasks == ["app.tasks.*"], "the refused edit changed nothing"
     dispatcher.submit(make_alert("after", task_name="billing.charge"))
 
-    delivered(slack, 2)
+    slack.wait_messages(count=2)
     settled(dispatcher)
     assert sent_keys(slack) == ["kept", "after"]
 
@@ -410,7 +406,7 @@ def test_an_operator_template_overrides_the_shipped_one(broker, slack, sidecar, 
     dispatcher.submit(make_alert("t1"))
     dispatcher.submit(make_alert("w1", kind="worker_offline", task_name=None))
 
-    delivered(slack, 2)
+    slack.wait_messages(count=2)
     first, second = slack.accepted()
     assert first.body["blocks"] == [
         {"type": "section", "text": {"type": "mrkdwn", "text": "CUSTOM Task app.tasks.add failed (t1)"}}
@@ -454,7 +450,7 @@ def test_a_huge_traceback_and_many_fields_fit_block_kit_limits(broker, slack, si
     dispatcher = sidecar(broker)
     dispatcher.submit(make_alert("big", title="T" * 400, text="y" * 10_000, traceback=traceback, fields=fields))
 
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
     blocks = slack.accepted()[0].body["blocks"]
     assert len(blocks) <= MAX_BLOCKS
     assert len(blocks[0]["text"]["text"]) <= MAX_HEADER_TEXT
@@ -462,8 +458,10 @@ def test_a_huge_traceback_and_many_fields_fit_block_kit_limits(broker, slack, si
         if block["type"] == "section":
             assert len(block.get("text", {}).get("text", "")) <= MAX_SECTION_TEXT
             assert len(block.get("fields", [])) <= 10
-    traceback_section = next(t for t in section_texts(blocks) if "module_0.py" in t)
-    assert traceback_section.endswith("…```") or traceback_section.endswith("…\n```")
+    # The traceback keeps its end, where it failed, and says how much of the middle it cut.
+    traceback_section = next(t for t in section_texts(blocks) if "module_4999.py" in t)
+    assert traceback_section.startswith("```") and traceback_section.endswith("x```")
+    assert re.search(r"… \d+ lines cut …", traceback_section)
     assert len(slack.accepted()[0].body["text"]) <= 3000
 
 
@@ -494,13 +492,77 @@ def test_secrets_never_reach_the_log(broker, slack, sidecar, caplog):
     slack.fail(1, status=404)
     hook = sidecar(broker, mode="webhook")
     hook.submit(make_alert("s1"))
-    delivered(slack, 1)
+    slack.wait_messages(count=1)
     hook.stop(timeout=1)  # one at a time: on one broker, either could send the other's alert
     bot = sidecar(broker, mode="bot", instance_id="sidecar-2")
     bot.submit(make_alert("s2", severity="critical"))
-    delivered(slack, 2)
+    slack.wait_messages(count=2)
 
     assert [r.method for r in slack.accepted()] == ["webhook", "chat.postMessage"]
     assert "XXXXXXXXXXXXXXXX" not in caplog.text  # the webhook URL's secret path
     assert TOKEN not in caplog.text
     assert "url: <redacted>" in caplog.text  # slack-sdk's debug line named the webhook URL, redacted
+
+
+# -- what the sidecar's own log says ----------------------------------------------------------
+
+
+def start_lines(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("alerts go to ")]
+
+
+@pytest.mark.parametrize("mode", ["webhook", "bot", "console"])
+def test_the_start_says_where_alerts_go_in_one_info_line_without_secrets(broker, slack, sidecar, caplog, mode):
+    caplog.set_level(logging.INFO)
+    sidecar(broker, QUICK.model_copy(update={"channels": {"critical": "#oncall"}}), mode=mode,
+            default_channel="#alerts")
+
+    [line] = start_lines(caplog)
+    assert line.levelno == logging.INFO
+    said = line.getMessage()
+    where = {
+        "webhook": f"a Slack incoming webhook on 127.0.0.1:{slack.port}",
+        "bot": f"Slack's Web API on 127.0.0.1:{slack.port} with a bot token, "
+               "channels info: #alerts, warning: #alerts, critical: #oncall",
+        "console": "the log (logger alerts.console)",
+    }[mode]
+    assert where in said, said
+    assert "/services/" not in caplog.text and "XXXXXXXX" not in caplog.text
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["webhook", "bot"])
+def test_a_failed_attempt_is_one_warning_and_an_accepted_post_one_info_line(broker, slack, sidecar, caplog, mode):
+    caplog.set_level(logging.INFO)
+    slack.down()
+    dispatcher = sidecar(broker, mode=mode)
+    dispatcher.submit(make_alert("down-1", severity="critical"))
+    wait_for(lambda: metric(dispatcher, "celery_sidecar_alerts_failed_total", reason="connection") >= 2,
+             timeout=10, what="two failed attempts")
+    slack.up()
+    slack.wait_messages(count=1)
+    settled(dispatcher)
+    dispatcher.stop(timeout=1)
+
+    failures = metric(dispatcher, "celery_sidecar_alerts_failed_total", reason="connection")
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == failures, [f"{r.levelname} {r.name}: {r.getMessage()}" for r in loud]
+    assert all(r.levelno == logging.WARNING and "down-1: attempt" in r.getMessage() for r in loud)
+    posted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("alert posted to ")]
+    channel = "webhook" if mode == "webhook" else "#alerts"
+    assert posted == [f"alert posted to {channel}: Task app.tasks.add failed (down-1) (firing)"]
+    assert TOKEN not in caplog.text and "XXXXXXXX" not in caplog.text
+
+
+def test_on_the_console_a_resolution_is_info_whatever_its_severity(broker, sidecar, caplog):
+    caplog.set_level(logging.INFO, logger="alerts.console")
+    dispatcher = sidecar(broker, mode="console")
+    dispatcher.submit(make_alert("w-off", group="worker:w1", kind="worker_offline", severity="critical",
+                                 title="Worker offline: w1", task_name=None))
+    dispatcher.submit(make_alert("w-on", group="worker:w1", kind="worker_online", severity="critical",
+                                 status="resolved", title="Worker back online: w1", task_name=None))
+    settled(dispatcher)
+
+    levels = {r.getMessage().splitlines()[0]: r.levelno for r in caplog.records if r.name == "alerts.console"}
+    assert levels == {"[CRITICAL] Worker offline: w1": logging.ERROR,
+                      "[CRITICAL] RESOLVED: Worker back online: w1": logging.INFO}

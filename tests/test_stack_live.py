@@ -8,11 +8,11 @@ for docker-compose (addresses templated to 127.0.0.1). Grafana is not installabl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -40,6 +40,7 @@ from tests.support.stack import (
 )
 
 pytestmark = [
+    pytest.mark.e2e,
     pytest.mark.skipif(not all(shutil.which(t) for t in ("nginx", "prometheus", "promtool", "chromium")),
                        reason="needs nginx, prometheus and chromium from Debian's packages"),
     pytest.mark.timeout(300),
@@ -114,14 +115,14 @@ def test_flower_in_a_browser_lists_the_live_worker_and_loads_every_asset(stack: 
     base = stack.nginx_url.replace("http://", f"http://{USER}:{PASSWORD.replace(' ', '%20')}@")
     profile = stack.tmp / "chromium-profile"
 
-    def worker_listed() -> str | None:
+    def worker_online() -> bool:
         stack.procs.check_alive()
         dom = chromium("--dump-dom", "--virtual-time-budget=5000", f"{base}/flower/workers",
                        user_data_dir=profile).stdout
-        return dom if WORKER_NAME in dom else None
+        # Flower can list the worker (from inspect) before a heartbeat has shown it online.
+        return WORKER_NAME in dom and "Online" in dom
 
-    dom = wait_for(worker_listed, timeout=60, interval=1, what=f"{WORKER_NAME} on Flower's workers page")
-    assert "Online" in dom
+    wait_for(worker_online, timeout=60, interval=1, what=f"{WORKER_NAME} online on Flower's workers page")
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "flower-workers.png"
@@ -150,21 +151,23 @@ def test_flower_in_a_browser_lists_the_live_worker_and_loads_every_asset(stack: 
 
 
 def test_prometheus_scrapes_the_sidecar(stack: Stack):
-    def sidecar_up() -> bool:
-        targets = stack.prom_get("targets")["activeTargets"]
-        return any(t["labels"]["job"] == "celery-sidecar" and t["health"] == "up" for t in targets)
-
-    wait_for(sidecar_up, timeout=30, interval=0.5, what="the celery-sidecar target to be up")
-    flower = [t for t in stack.prom_get("targets")["activeTargets"] if t["labels"]["job"] == "flower"]
-    assert flower and flower[0]["health"] == "up", "Prometheus reaches /flower/metrics internally"
+    # Each target is scraped on its own schedule: one being up says nothing of the other.
+    stack.wait_target_up("celery-sidecar")
+    stack.wait_target_up("flower")  # Prometheus reaches /flower/metrics internally
 
 
 def test_rules_load_and_pass_promtool(stack: Stack):
     check = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    groups = stack.prom_get("rules")["groups"]
-    assert groups and any(g["rules"] for g in groups)
-    unhealthy = [r["name"] for g in groups for r in g["rules"] if r.get("health") == "err"]
+
+    # A rule's health is "unknown" until its first evaluation: only then can it be "err".
+    def evaluated() -> list[dict] | None:
+        stack.procs.check_alive()
+        rules = [r for g in stack.prom_get("rules")["groups"] for r in g["rules"]]
+        return rules if rules and all(r.get("health") != "unknown" for r in rules) else None
+
+    rules = wait_for(evaluated, timeout=30, interval=0.5, what="Prometheus to evaluate every rule")
+    unhealthy = {r["name"]: r.get("lastError") for r in rules if r["health"] == "err"}
     assert not unhealthy, unhealthy
 
 
@@ -181,14 +184,16 @@ def test_every_dashboard_query_returns_data(stack: Stack):
     assert len(queries) >= 70
 
     empty: dict[str, str] = dict(queries)
-    deadline = time.monotonic() + 90
-    while empty and time.monotonic() < deadline:
+
+    def every_query_has_data() -> bool:
         stack.procs.check_alive()
         for where, expr in list(empty.items()):
             if stack.prom_query(expr):
                 del empty[where]
-        if empty:
-            time.sleep(2)
+        return not empty
+
+    with contextlib.suppress(TimeoutError):  # the assert below names the queries still empty
+        wait_for(every_query_has_data, timeout=90, interval=2, what="data for every dashboard query")
     assert not empty, "queries with no series:\n" + "\n".join(f"  {w}: {e}" for w, e in empty.items())
 
 

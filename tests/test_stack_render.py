@@ -7,9 +7,11 @@ These run the real validators (nginx -t, promtool, docker-compose config) on wha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from celery_sidecar.render import render_command
+from celery_sidecar.render_cli import render_command
 from tests.support.paths import SOURCE, package_file
 from tests.support.stack import COMPOSE_FILE, DASHBOARD, DASHBOARDS, dashboard_expressions
 
@@ -49,7 +51,8 @@ def require(tool: str) -> str:
 def render(out: Path, env: dict[str, str], *args: str):
     # Only the given variables: the developer's own environment must not leak in.
     clean = {k: None for k in os.environ
-             if k in GOOD_ENV or k.startswith(("ENABLE_", "LISTEN")) or k == "GRAFANA_ROOT_URL"}
+             if k in GOOD_ENV or k.startswith(("ENABLE_", "LISTEN", "ALERTMANAGER_", "SHARE_"))
+             or k == "GRAFANA_ROOT_URL"}
     return CliRunner().invoke(render_command, ["--out", str(out), *args], env={**clean, **env})
 
 
@@ -61,6 +64,7 @@ def rendered(tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.e2e  # runs a validator (nginx, promtool, amtool, docker-compose): not in the quick tier
 def test_rendered_nginx_config_passes_nginx_t(rendered: Path, tmp_path: Path):
     conf = rendered / "nginx" / "nginx.conf"
     text = conf.read_text()
@@ -86,6 +90,7 @@ def test_htpasswd_holds_a_bcrypt_hash_not_the_password(rendered: Path):
             assert GOOD_ENV["FLOWER_PASSWORD"] not in path.read_text(), path
 
 
+@pytest.mark.e2e
 def test_rendered_prometheus_config_passes_promtool(rendered: Path):
     config = rendered / "prometheus" / "prometheus.yml"
     rules = rendered / "prometheus" / "rules" / "celery-sidecar.yml"
@@ -144,6 +149,95 @@ def test_render_refuses_missing_secrets_and_bad_networks(tmp_path: Path, env: di
     assert GOOD_ENV["FLOWER_PASSWORD"] not in result.output
 
 
+def test_render_reports_every_missing_or_invalid_setting_in_one_run(tmp_path: Path):
+    missing = render(tmp_path / "out", {"ALLOW_CIDRS": "", "FLOWER_USER": "", "FLOWER_PASSWORD": "",
+                                        "ENABLE_ALERTMANAGER": "true"})
+    assert missing.exit_code != 0
+    assert "4 settings are missing or invalid" in missing.output, missing.output
+    for message in ("ALLOW_CIDRS is empty", "FLOWER_USER is not set", "FLOWER_PASSWORD is not set",
+                    "ALERTMANAGER_SLACK_WEBHOOK_URL is not set"):
+        assert missing.output.count(message) == 1, (message, missing.output)
+
+    # Values that do not parse are listed with the rest, and each variable once.
+    invalid = render(tmp_path / "out", {**GOOD_ENV, "ALLOW_CIDRS": "10.0.0.300/32, 192.168.1.10/24",
+                                        "SET_REAL_IP_FROM": "everyone", "FLOWER_PASSWORD": "",
+                                        "SCRAPE_INTERVAL": "often"})
+    assert invalid.exit_code != 0
+    for message in ("ALLOW_CIDRS: '10.0.0.300/32' is not a valid", "did you mean 192.168.1.0/24?",
+                    "SET_REAL_IP_FROM: 'everyone' is not a valid", "FLOWER_PASSWORD is not set",
+                    "SCRAPE_INTERVAL: 'often' is not a duration"):
+        assert message in invalid.output, (message, invalid.output)
+    assert "ALLOW_CIDRS is empty" not in invalid.output, "a value that did not parse is not also empty"
+    assert "5 settings are missing or invalid" in invalid.output, invalid.output
+    assert not (tmp_path / "out").exists(), "nothing is written when a setting is refused"
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")}
+
+
+def test_secret_files_are_readable_by_their_owner_only_unless_shared(tmp_path: Path):
+    secrets = {"nginx/htpasswd", "alertmanager/slack_webhook_url"}
+    env = {**GOOD_ENV, "ENABLE_ALERTMANAGER": "true",
+           "ALERTMANAGER_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T000/B000/XXXX"}
+    out = tmp_path / "out"
+    # No umask to lean on: the modes are render's own.
+    umask = os.umask(0)
+    try:
+        shared = render(out, {**env, "SHARE_SECRET_FILES": "true"})
+        assert shared.exit_code == 0, shared.output
+        assert {name for name, mode in _modes(out).items() if mode == 0o644} >= secrets, "shared: 0644"
+
+        # Rendered again over the shared files: the secrets are closed again, and nothing else moves.
+        result = render(out, env)
+        assert result.exit_code == 0, result.output
+    finally:
+        os.umask(umask)
+    modes = _modes(out)
+    assert {name: f"{modes[name]:o}" for name in secrets} == {name: "600" for name in secrets}
+    for name, mode in modes.items():
+        if name in secrets:
+            continue
+        if (out / name).is_dir():
+            assert mode == 0o755, f"{name} is {mode:o}"
+        else:
+            assert mode == 0o644, f"{name} is {mode:o}: its reader (nginx, Grafana, Prometheus) is another user"
+    assert not [p.name for p in out.rglob(".*.tmp")], "no temp file is left behind"
+
+
+def test_the_alertmanager_webhook_flag_says_whose_webhook_it_is_and_the_old_name_still_works(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    hook = "https://hooks.slack.com/services/T000/B000/XXXX"
+    env = {**GOOD_ENV, "ENABLE_ALERTMANAGER": "true"}
+    helped = render(tmp_path / "help", env, "--help")
+    assert "--alertmanager-slack-webhook-url" in helped.output and "ALERTMANAGER_SLACK_WEBHOOK_URL" in helped.output
+    assert "--slack-webhook-url" not in helped.output.replace("--alertmanager-slack-webhook-url", ""), \
+        "the old name is hidden from --help"
+
+    with caplog.at_level(logging.WARNING):
+        new = render(tmp_path / "new", env, "--alertmanager-slack-webhook-url", hook)
+    assert new.exit_code == 0, new.output
+    assert (tmp_path / "new/alertmanager/slack_webhook_url").read_text().strip() == hook
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        old = render(tmp_path / "old", env, "--slack-webhook-url", hook)
+    assert old.exit_code == 0, old.output
+    assert (tmp_path / "old/alertmanager/slack_webhook_url").read_text().strip() == hook
+    (warning,) = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert "--alertmanager-slack-webhook-url" in warning and "\n" not in warning and hook not in warning
+    assert hook not in old.output
+
+    # The old name on the command line still beats the variable, as any flag does.
+    caplog.clear()
+    from_env = {**env, "ALERTMANAGER_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T1/B1/Y"}
+    both = render(tmp_path / "both", from_env, "--slack-webhook-url", hook)
+    assert both.exit_code == 0, both.output
+    assert (tmp_path / "both/alertmanager/slack_webhook_url").read_text().strip() == hook
+
+
+@pytest.mark.e2e
 def test_alertmanager_profile_renders_the_webhook_into_a_file_not_the_config(tmp_path: Path):
     env = {**GOOD_ENV, "ENABLE_ALERTMANAGER": "true"}
     refused = render(tmp_path / "no", env)
@@ -174,6 +268,7 @@ def compose_config(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.e2e
 def test_compose_file_validates_with_the_required_settings(tmp_path: Path):
     result = compose_config(COMPOSE_ENV, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -181,6 +276,7 @@ def test_compose_file_validates_with_the_required_settings(tmp_path: Path):
 
 @pytest.mark.parametrize("missing", ["FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "ALLOW_CIDRS",
                                      "CELERY_BROKER_URL"])
+@pytest.mark.e2e
 def test_compose_refuses_to_start_without_a_required_setting(missing: str, tmp_path: Path):
     env = {k: v for k, v in COMPOSE_ENV.items() if k != missing}
     result = compose_config(env, tmp_path)
@@ -237,6 +333,14 @@ def test_compose_paths_agree_with_what_render_writes(rendered: Path):
     assert home == f"{dashboards}/{DASHBOARD.name}"
     am = services["alertmanager"]["command"]
     assert "--config.file=" + mount("alertmanager", "alertmanager-conf") + "/alertmanager.yml" in am
+
+
+def test_compose_shares_the_secret_files_with_the_other_users_that_read_them():
+    """render runs as uid 10001; nginx's workers (101) and Alertmanager (nobody) must read its secrets."""
+    services = compose()["services"]
+    assert str(services["render"]["environment"]["SHARE_SECRET_FILES"]).lower() == "true"
+    for reader in ("nginx", "alertmanager"):
+        assert "user" not in services[reader], f"{reader} runs as its image's own user, not render's"
 
 
 def test_only_nginx_publishes_a_port():
@@ -300,7 +404,7 @@ def test_every_dashboard_panel_queries_prometheus_through_the_variable(path: Pat
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=DASHBOARD_IDS)
 def test_dashboard_uses_only_contract_metric_names(path: Path):
-    contract = (SOURCE / "docs" / "architecture.md").read_text()
+    contract = (SOURCE / "docs" / "metrics.md").read_text()  # generated from the exporters
     families = {"celery_task_" + s + "_total" for s in
                 ("sent", "received", "started", "succeeded", "failed", "rejected", "revoked", "retried")}
     names: set[str] = set()
@@ -310,7 +414,7 @@ def test_dashboard_uses_only_contract_metric_names(path: Path):
         names.update(n for n in _metric_names(expr))
     for name in names:
         base = name.removesuffix("_bucket")
-        assert name in families or f"`{base}`" in contract, f"{name} is not in docs/architecture.md"
+        assert name in families or f"`{base}`" in contract, f"{name}: not served (docs/metrics.md)"
 
 
 def _metric_names(expr: str) -> set[str]:

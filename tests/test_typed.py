@@ -1,7 +1,7 @@
-"""The typed decode (monitor/typed.py) folds exactly what the ordinary decode does.
+"""The typed decode (monitor/boundary/hot.py) folds exactly what the ordinary decode does.
 
 A body of hot task events in their usual shape is decoded and checked in one msgspec step;
-anything else goes the ordinary way (orjson, EventDecoder._emit, schema.PARSERS). The
+anything else goes the ordinary way (orjson, EventDecoder._emit, parse.PARSERS). The
 property: for any body, on each path (the fast paths' EventDecoder, the stock path's
 EventReceiver), the path with the typed step and without it hand the pipeline the same
 folds (type and fields) and the same skips, in the same order, and end on the same
@@ -22,15 +22,14 @@ from hypothesis import strategies as st
 from kombu import Message
 from kombu.utils.json import dumps
 
-from celery_sidecar.monitor import schema, typed
-from celery_sidecar.monitor.config import Config, LiveConfig
-from celery_sidecar.monitor.decoder import EventDecoder
-from celery_sidecar.monitor.pipeline import Pipeline
-from celery_sidecar.monitor.state import State
-from celery_sidecar.monitor.status import Status
-from celery_sidecar.monitor.stock_stream import _GuardedReceiver
-from tests.hostile import NOW, json_values, plausible
-from tests.test_schema import EDGE_VALUES, real
+from celery_sidecar.monitor.boundary import clock, hot, parse
+from celery_sidecar.monitor.config.settings import Config, LiveConfig
+from celery_sidecar.monitor.fold.pipeline import Pipeline
+from celery_sidecar.monitor.fold.state import State
+from celery_sidecar.monitor.fold.status import Status
+from celery_sidecar.monitor.intake.decoder import EventDecoder
+from celery_sidecar.monitor.intake.event_receiver import _GuardedReceiver
+from tests.hostile import EDGE_VALUES, NOW, json_values, plausible, real
 
 KINDS = ("task-sent", "task-received", "task-started", "task-rejected", "task-revoked", "task-succeeded",
          "task-failed", "task-retried")
@@ -79,7 +78,7 @@ def run_stock(bodies: list[bytes], *, with_typed: bool) -> tuple[list[tuple], in
     app = Celery(broker="memory://", set_as_current=False)
     receiver = _GuardedReceiver(app.connection_for_read(), app=app, pipeline=pipeline, stop=threading.Event(),
                                 on_ready=lambda: None, event_queue=None, on_backlog=lambda _n: None)
-    with mock.patch.object(typed, "decode", typed.decode if with_typed else lambda *_args: None):
+    with mock.patch.object(hot, "decode", hot.decode if with_typed else lambda *_args: None):
         for body in bodies:
             receiver._on_message(Message(body=body, content_type="application/json", content_encoding="utf-8"))
     # EventReceiver stamps each event with its own receipt time: compare without it.
@@ -166,4 +165,13 @@ def test_any_broken_body_is_folded_alike(batch):
 
 
 def test_the_struct_tags_are_the_types_the_boundary_parses():
-    assert set(typed._TAGS.values()) == set(KINDS) <= set(schema.PARSERS)
+    assert set(hot._TAGS.values()) == set(KINDS) <= set(parse.PARSERS)
+
+
+@given(st.integers(0, 2**40), st.lists(st.tuples(st.sampled_from((*KINDS, "worker-heartbeat")),
+                                                 st.none(), st.none() | st.integers(0, 2**40)), max_size=30))
+def test_a_bodys_clock_in_one_call_is_lamports_rule_event_by_event(mine, events):
+    after = mine
+    for etype, _, event_clock in events:
+        _, after = clock.lamport(after, etype, event_clock)
+    assert clock.advance(mine, events) == after

@@ -7,7 +7,6 @@ import time
 import httpx
 
 from tests.support.clients import producer
-from tests.support.servers import wait_for
 
 
 def test_succeeded_failed_and_retried_tasks_are_counted(redis_srv, sidecar, worker):
@@ -24,11 +23,12 @@ def test_succeeded_failed_and_retried_tasks_are_counted(redis_srv, sidecar, work
     side.wait_metric("celery_task_failed_total", lambda v: v == 3, name="demo.fail")
     side.wait_metric("celery_task_retried_total", lambda v: v == 3, name="demo.flaky")
     side.wait_metric("celery_task_failed_total", lambda v: v == 1, name="demo.flaky")
+    # task-sent comes from the producer, not the worker: it can arrive after the worker's events.
+    side.wait_metric("celery_task_sent_total", lambda v: v == 4, name="demo.ok", queue_name="celery")
     metrics = side.metrics()
     # The exception label is the class, never the message (cardinality, and secrets).
     assert metrics.get("celery_task_failed_total", name="demo.fail", exception="DemoError") == 3
     assert "secret-value-123" not in metrics.text
-    assert metrics.get("celery_task_sent_total", name="demo.ok", queue_name="celery") == 4
     assert metrics.get("celery_task_started_total", name="demo.ok", hostname=next(
         dict(lbl)["hostname"] for lbl in metrics.all("celery_worker_up"))) == 4
     assert metrics.get("celery_task_runtime_count", name="demo.ok") == 4
@@ -61,8 +61,7 @@ def test_queue_length_counts_priority_sub_queues_and_key_prefix(redis_srv, sidec
 def test_sigkilled_worker_goes_down_within_twice_heartbeat_plus_grace(redis_srv, sidecar, worker):
     side = sidecar(redis_srv.url)
     victim = worker(redis_srv.url, name="victim")
-    side.wait_metric("celery_worker_up", lambda v: v == 1, timeout=30)
-    hostname = dict(next(iter(side.metrics().all("celery_worker_up"))))["hostname"]
+    hostname = side.wait_worker_up("victim")
 
     victim.kill()  # SIGKILL the whole process group: no worker-offline event is sent
     killed_at = time.monotonic()
@@ -84,12 +83,11 @@ def test_redis_restart_mid_stream_metrics_resume(redis_srv, sidecar, worker):
     side.wait_metric("celery_task_succeeded_total", lambda v: v == 1, name="demo.ok", timeout=30)
 
     redis_srv.stop()
-    wait_for(lambda: side.health()[0] == 503, timeout=15, what="/health to report the broker down")
-    _, health = side.health()
+    health = side.wait_health(503, timeout=15)
     assert health["broker"]["connected"] is False and health["broker"]["last_error"]
     redis_srv.restart()
 
-    wait_for(lambda: side.health()[0] == 200, timeout=40, what="the sidecar to reconnect")
+    side.wait_health(200, timeout=40)
     assert side.metrics().get("celery_sidecar_reconnects_total") >= 1
     # Workers reconnect on their own; new tasks are counted without restarting the sidecar.
     side.wait_metric("celery_worker_up", lambda v: v == 1, timeout=40)
@@ -118,9 +116,9 @@ def test_invalid_config_edit_is_refused_and_a_valid_one_applies_live(redis_srv, 
     config.write_text("thresholds:\n  queue_length: {normal: 250, peak: 2500}\n  retry_rate_percent: 10\n")
     side.wait_metric("celery_threshold", lambda v: v == 250, signal="queue_length", level="normal",
                      queue_name="celery", timeout=10)
-    metrics = side.metrics()
-    assert metrics.get("celery_threshold", signal="retry_ratio", level="limit") == 0.10
-    assert metrics.get("celery_sidecar_config_valid") == 1
+    # The new thresholds are live a moment before the reload is reported: wait for the report.
+    side.wait_metric("celery_sidecar_config_valid", lambda v: v == 1)
+    assert side.metrics().get("celery_threshold", signal="retry_ratio", level="limit") == 0.10
     assert side.health()[1]["config"]["error"] is None
 
 
@@ -132,13 +130,17 @@ def test_worker_without_task_events_is_detected_and_enable_events_fixes_it(redis
     for _ in range(3):
         app.send_task("plain.ok")
     side.wait_metric("celery_sidecar_worker_task_events_enabled", lambda v: v == 0, timeout=30)
-    wait_for(lambda: "sends heartbeats but no task events" in side.log(), timeout=5, what="the warning")
+    side.wait_log("sends heartbeats but no task events", timeout=5)
     assert "quiet@" in side.log() and "-E" in side.log()
     assert side.metrics().sum("celery_task_succeeded_total") == 0
 
     # A second sidecar with --enable-events turns them on through remote control.
     fixer = sidecar(redis_srv.url, "--enable-events")
-    wait_for(lambda: "sent enable_events" in fixer.log(), timeout=40, what="enable_events to be sent")
+    # The tasks above ran before the fixer started, so they are no evidence to it (a worker with
+    # -E that ran them would look the same now): it needs to see the worker work without events.
+    fixer.wait_metric("celery_sidecar_events_total", lambda v: v >= 2, type="worker-heartbeat", timeout=30)
+    app.send_task("plain.ok")
+    fixer.wait_log("sent enable_events", timeout=40)
     app.send_task("plain.ok")
     fixer.wait_metric("celery_task_succeeded_total", lambda v: v >= 1, name="plain.ok", timeout=30)
     fixer.wait_metric("celery_sidecar_worker_task_events_enabled", lambda v: v == 1, timeout=10)
@@ -146,8 +148,7 @@ def test_worker_without_task_events_is_detected_and_enable_events_fixes_it(redis
 
 def test_metrics_and_health_endpoints(redis_srv, sidecar):
     side = sidecar(redis_srv.url)
-    wait_for(lambda: side.health()[0] == 200, timeout=10, what="connected")
-    _, health = side.health()
+    health = side.wait_health(200, timeout=10)
     assert health["broker"]["url"] == redis_srv.url and health["broker"]["connected"]
     assert health["latency_source"] in ("sent", "received")
     assert httpx.get(f"{side.url}/nope").status_code == 404
@@ -167,12 +168,14 @@ def test_ovalmoney_compat_family_for_dashboard_11497(redis_srv, sidecar, worker)
         app.send_task("demo.ok")
     app.send_task("demo.fail")
     side.wait_metric("celery_tasks_total", lambda v: v == 2, name="demo.ok", state="SUCCESS", namespace="shop")
+    # demo.fail may still run after both demo.ok are done.
+    side.wait_metric("celery_tasks_total", lambda v: v == 1, name="demo.fail", state="FAILURE", namespace="shop")
     metrics = side.metrics()
     assert metrics.get("celery_tasks_total", name="demo.fail", state="FAILURE", queue="celery") == 1
     assert metrics.get("celery_tasks_runtime_seconds_count", name="demo.ok", namespace="shop") == 2
     assert metrics.get("celery_tasks_latency_seconds_count", name="demo.ok", namespace="shop") == 2
     assert metrics.get("celery_workers", namespace="shop") == 1
-    wait_for(lambda: "latency source: task-sent events arrive" in side.log(), timeout=5, what="latency source log")
+    side.wait_log("latency source: task-sent events arrive", timeout=5)
 
 
 def test_an_edit_with_a_broken_alert_template_is_refused_whole(redis_srv, sidecar, tmp_path):

@@ -1,4 +1,4 @@
-"""python -m tests.bench: the ingest benchmark of issue 3 (see docs/performance.md)."""
+"""python -m tests.bench: the ingest benchmark (see docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from tests.bench import amqp_scenarios, scenarios
+from tests.bench import amqp_scenarios, redis_access, scenarios
 from tests.bench.rabbit import bench_vhost, to_publishes
 from tests.bench.report import Row, machine, render
 from tests.bench.targets import CountingConsumer, Sidecar
@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(the bare EventReceiver always runs there: it is the drain target's reference)")
     p.add_argument("--drain-tasks", type=int, default=None,
                    help="tasks in the flood (default 100k, quick 25k; short floods read low). With --broker "
-                        "amqp every message is a single event (no batching workers, the issue's measure): "
+                        "amqp every message is a single event (no batching workers, the worst case for a "
+                        "per-message consumer): "
                         "default 36k tasks, about 150k messages; quick 5k")
     p.add_argument("--rate", type=float, default=10_000, help="events/s of the loss test")
     p.add_argument("--duration", type=float, default=None,
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="FILE",
                    help="record the fast-path drain with py-spy (raw collapsed stacks) into FILE and "
                         "print the functions that take the most time")
+    p.add_argument("--redis-via", choices=redis_access.WAYS, default="tcp",
+                   help="how the sidecar reaches Redis in the drain: its TCP port, its TLS listener with a client "
+                        "certificate (a private CA made for the run), a unix socket, or Sentinel naming the master "
+                        "(a master, a replica and a sentinel); the flood is published on the plain port")
     p.add_argument("--sidecar-arg", action="append", default=[],
                    help="extra argument for `python -m celery_sidecar run` (repeatable)")
     return p
@@ -112,7 +117,8 @@ class Plan:
         return plan
 
     def sidecar(self, fast_path: bool = True) -> scenarios.TargetFactory:
-        return lambda url: Sidecar(url, fast_path=fast_path, config=self.config, extra=tuple(self.extra))
+        return lambda url, access=(): Sidecar(url, fast_path=fast_path, config=self.config,
+                                              extra=(*self.extra, *access))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,12 +156,16 @@ def _drain(plan: Plan) -> list[Row]:
     messages, totals = build(plan.drain_tasks, Shape(seed=11))
     _progress(f"[drain] {totals.events:,} events in {totals.messages:,} messages "
               f"({totals.events / plan.drain_tasks:.2f} events/task); flooding the paused consumer")
-    fast = scenarios.drain(plan.sidecar(True), messages, totals.events, _progress, profile=args.profile)
+    via = args.redis_via
+    if via != "tcp":
+        plan.notes.append(f"--redis-via {via}: the drains ran against {redis_access.server_version(via)}")
+    fast = scenarios.drain(plan.sidecar(True), messages, totals.events, _progress, profile=args.profile, via=via)
     met = fast.rate >= TARGETS["drain"] and fast.counted == totals.events
-    rows = [Row("drain rate, sidecar (fast path)", _rate(fast), f">= {TARGETS['drain']:,}", met)]
+    over = "" if via == "tcp" else f" via {via}"
+    rows = [Row(f"drain rate, sidecar (fast path){over}", _rate(fast), f">= {TARGETS['drain']:,}", met)]
     _check_complete(rows, fast)
     if args.compare_stock:
-        stock = scenarios.drain(plan.sidecar(False), messages, totals.events, _progress)
+        stock = scenarios.drain(plan.sidecar(False), messages, totals.events, _progress, via=via)
         rows.append(Row(f"drain rate, {stock.label}", _rate(stock)))
         _check_complete(rows, stock)
         ratio = fast.rate / stock.rate if stock.rate else float("inf")
@@ -163,7 +173,9 @@ def _drain(plan: Plan) -> list[Row]:
         if fast.cpu_per_event_us:
             rows.append(Row("  same, by CPU per event (less noisy)",
                             f"{stock.cpu_per_event_us / fast.cpu_per_event_us:.2f}x"))
-    if args.bare:
+    if args.bare and via != "tcp":
+        plan.notes.append("--bare drains over TCP only: the count-only consumers take no TLS or Sentinel options")
+    elif args.bare:
         for mode in ("fast", "stock"):
             bare = scenarios.drain(lambda url, mode=mode: CountingConsumer(mode, url), messages,
                                    totals.events, _progress)
@@ -182,8 +194,8 @@ def _drain_amqp(plan: Plan) -> list[Row]:
     messages, totals = build(plan.drain_tasks, Shape(seed=11, batched_workers_ratio=0))
     publishes = to_publishes(messages)
     del messages
-    _progress(f"[drain] {totals.events:,} events in {totals.messages:,} messages (one event each, as the "
-              f"issue measured); publishing them into each paused consumer's queue")
+    _progress(f"[drain] {totals.events:,} events in {totals.messages:,} messages (one event each, the worst case for a "
+              f"per-message consumer); publishing them into each paused consumer's queue")
     plan.notes.append("AMQP drain: every message holds one event (Shape(batched_workers_ratio=0)); the bare "
                       "EventReceiver's queue gets event_queue_ttl 600 s instead of celery's 5 s, or the "
                       "flood would expire in it while it is paused")

@@ -173,7 +173,7 @@ def drain(url: str, factory: TargetFactory, publishes: list[Publish], events: in
         where = f"{queued:,} of {len(publishes):,} messages in its queue" if queued is not None else \
             f"{len(publishes):,} messages confirmed"
         progress(f"  {target.label}: {events:,} events parked in RabbitMQ ({where}); resuming the consumer")
-        spy = Profiler(target.process.pid, profile, thread_filter="amqp_stream.py") if profile else None
+        spy = Profiler(target.process.pid, profile, thread_filter="amqp_socket.py") if profile else None
         broker = _broker_process()
         cpu_before = cpu_or_zero(target.ps), cpu_or_zero(broker)
         started = time.monotonic()

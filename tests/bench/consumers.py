@@ -3,7 +3,7 @@
     python -m tests.bench.consumers stock|fast|pyamqp|kombu BROKER_URL COUNT_FILE
 
 ``stock`` is ``celery.events.EventReceiver`` with a counting ``*`` handler (what most
-monitors are built on); ``fast`` is celery_sidecar.monitor.redis_stream (amqp_stream on
+monitors are built on); ``fast`` is celery_sidecar.monitor.intake.redis_pubsub (amqp_socket on
 RabbitMQ, consuming the sidecar's kind of event queue) with the same handler.
 On RabbitMQ, two more reference points: ``pyamqp`` is py-amqp's ``basic_consume`` with a
 callback that parses the body with the json module and counts its events (the least any
@@ -30,7 +30,7 @@ import uuid
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from celery_sidecar.monitor.redis_stream import stream_events
+from celery_sidecar.monitor.intake.redis_pubsub import stream_events
 
 
 class Counter:
@@ -77,10 +77,10 @@ def run_stock(url: str, counter: Counter, stop: threading.Event) -> None:
 
 def run_fast(url: str, counter: Counter, stop: threading.Event) -> None:
     if _is_amqp(url):  # the AMQP fast reader, on the sidecar's kind of event queue
-        from celery_sidecar.monitor import amqp_stream
-        from celery_sidecar.monitor.event_queue import EventQueue
+        from celery_sidecar.monitor.intake import amqp_socket
+        from celery_sidecar.monitor.intake.event_queue import EventQueue
 
-        amqp_stream.stream_events(url, {}, EventQueue(), counter.event, counter.skip, stop)
+        amqp_socket.stream_events(url, {}, EventQueue(), counter.event, counter.skip, stop)
         return
     stream_events(url, {}, counter.event, counter.skip, stop)
 

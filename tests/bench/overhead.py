@@ -1,8 +1,8 @@
 """Where a consumer's cost per event goes: ``python -m tests.bench.overhead [--path fast]``.
 
-The RabbitMQ issue measured the sidecar on celery's EventReceiver at about 50 µs per event
-more than a bare EventReceiver, only ~20 µs of it in the sidecar's own frames. This runs the
-same stock consumer (monitor/stock_stream.py) in one process over one pre-published flood of
+On celery's EventReceiver the sidecar once cost about 50 µs per event more than a bare
+EventReceiver, only ~20 µs of it in the sidecar's own frames. This runs the
+same stock consumer (monitor/intake/event_receiver.py) in one process over one pre-published flood of
 single-event messages, changing one thing at a time (``--path fast``: the same over the AMQP
 fast path instead of EventReceiver):
 
@@ -31,13 +31,13 @@ from typing import Any
 
 from celery import Celery
 
-from celery_sidecar.monitor.amqp_stream import stream_events
-from celery_sidecar.monitor.config import Config, LiveConfig
-from celery_sidecar.monitor.event_queue import EventQueue
-from celery_sidecar.monitor.pipeline import Pipeline
-from celery_sidecar.monitor.state import State
-from celery_sidecar.monitor.status import Status
-from celery_sidecar.monitor.stock_stream import consume
+from celery_sidecar.monitor.config.settings import Config, LiveConfig
+from celery_sidecar.monitor.fold.pipeline import Pipeline
+from celery_sidecar.monitor.fold.state import State
+from celery_sidecar.monitor.fold.status import Status
+from celery_sidecar.monitor.intake.amqp_socket import stream_events
+from celery_sidecar.monitor.intake.event_queue import EventQueue
+from celery_sidecar.monitor.intake.event_receiver import consume
 from tests.bench.rabbit import Publisher, QueueDepth, bench_vhost, to_publishes
 from tests.bench.traffic import Shape, build
 from tests.support.servers import wait_for

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -16,12 +18,14 @@ class Profiler:
     """``py-spy record`` of one process into ``path`` (raw collapsed stacks)."""
 
     def __init__(self, pid: int, path: str, rate: int = 250, thread_filter: str = "_read_loop") -> None:
-        if shutil.which("py-spy") is None:
+        # The virtualenv's own, when it is run by path and not activated.
+        spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+        if spy is None:
             raise RuntimeError("--profile needs py-spy: pip install py-spy")
         self.path = path
         self.thread_filter = thread_filter  # a frame every stack of the event path has
         self._process = subprocess.Popen(
-            ["py-spy", "record", "-r", str(rate), "-f", "raw", "-o", path, "--pid", str(pid),
+            [spy, "record", "-r", str(rate), "-f", "raw", "-o", path, "--pid", str(pid),
              "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # py-spy attaches asynchronously

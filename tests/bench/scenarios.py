@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import psutil
 
+from tests.bench import redis_access
 from tests.bench.profile import Profiler
 from tests.bench.publish import Publisher, paced, subscriber_count, subscriber_memory
 from tests.bench.targets import Sidecar, Target, start_and_wait
@@ -19,7 +20,7 @@ from tests.support.servers import RedisServer, redis_server, wait_for
 # Unlimited pubsub buffers: the drain test parks the whole flood in Redis on purpose.
 UNLIMITED_PUBSUB = ("--client-output-buffer-limit", "pubsub", "0", "0", "0")
 
-TargetFactory = Callable[[str], Target]
+TargetFactory = Callable[..., Target]  # (url) or (url, extra sidecar arguments)
 Progress = Callable[[str], None]
 
 
@@ -121,14 +122,16 @@ def _wait_consumed(server: RedisServer, target: Target, expected: int, stall: fl
 
 
 def drain(factory: TargetFactory, messages: list[Message], events: int, progress: Progress,
-          profile: str | None = None) -> Drain:
+          profile: str | None = None, via: str = "tcp") -> Drain:
     """Max drain rate: park ``messages`` in Redis while the consumer is paused, then let go.
 
     Pausing (SIGSTOP) keeps the producer's CPU out of the measurement: on a 2-core machine
-    a concurrent publisher would otherwise steal the consumer's core.
+    a concurrent publisher would otherwise steal the consumer's core. ``via``: how the
+    consumer reaches Redis (tests/bench/redis_access.py); the flood is published on the plain port.
     """
-    with redis_server(*UNLIMITED_PUBSUB) as server:
-        target = factory(server.url)
+    with redis_access.serve(via, *UNLIMITED_PUBSUB) as access:
+        server = access.server
+        target = factory(access.url, access.sidecar_args) if access.sidecar_args else factory(access.url)
         try:
             start_and_wait(target)
             _wait_subscribed(server, target)

@@ -66,7 +66,7 @@ class Message:
 
 @dataclass
 class Shape:
-    """What the traffic looks like; the defaults are the issue's realistic mix."""
+    """What the traffic looks like; the defaults are a realistic mix."""
 
     task_names: int = 50
     workers: int = 8

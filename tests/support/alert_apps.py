@@ -40,3 +40,22 @@ def charge_card(order_id: str, card_token: str | None = None, error: str = "Paym
 @app.task(name="alerting.charge_card_with_retries", bind=True, max_retries=2, default_retry_delay=0.1)
 def charge_card_with_retries(self, order_id: str) -> None:
     raise self.retry(exc=PaymentDeclined(f"card declined for order {order_id} after retries"))
+
+
+
+@app.task(name="alerting.load_invoice")
+def load_invoice(invoice_id: str) -> str:
+    # Ten frames of the app's own below the task and Celery's two above it: a 13-frame
+    # traceback, whose last frame and exception line are what on-call needs to see. The two
+    # helpers take turns, so Python does not fold the frames into "[Previous line repeated]".
+    return _read_invoice({"invoice_id": invoice_id}, depth=9)
+
+
+def _read_invoice(record: dict[str, str], depth: int) -> str:
+    return _read_customer(record, depth - 1)
+
+
+def _read_customer(record: dict[str, str], depth: int) -> str:
+    if depth > 0:
+        return _read_invoice(record, depth - 1)
+    raise KeyError("customer_id")

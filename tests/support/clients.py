@@ -8,9 +8,12 @@ from typing import Any
 
 from celery import Celery
 
+from tests.support.tier import require_e2e
+
 
 def producer(broker_url: str, *, sent_events: bool = True, **conf: Any) -> Celery:
     """Sends tasks by name, with task-sent events by default (so latency counts from sent)."""
+    require_e2e("a broker connection")
     app = Celery("producer", broker=broker_url, set_as_current=False)
     app.conf.update(task_send_sent_event=sent_events, broker_connection_retry_on_startup=True, **conf)
     return app

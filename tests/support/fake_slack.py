@@ -1,4 +1,4 @@
-"""A Slack stand-in on loopback: incoming webhooks and the chat.postMessage/chat.update Web API.
+"""A Slack stand-in on loopback: incoming webhooks and the chat.postMessage/chat.update/auth.test Web API.
 
 Every request is recorded. Tests script trouble ahead of time: the next N requests answer
 429 with Retry-After, or 500, or hang before answering; or the whole server goes down
@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_for
 
 WEBHOOK_PATH = "/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX"
 TOKEN = "fake-bot-token"  # not xox*-shaped, so secret scanners stay quiet
@@ -37,6 +37,18 @@ class Request:
     @property
     def method(self) -> str:
         return self.path.rsplit("/", 1)[-1] if self.path.startswith("/api/") else "webhook"
+
+    @property
+    def headline(self) -> str:
+        """The first line of the message's text: "[SEVERITY] title"."""
+        text = self.body.get("text") or ""
+        return text.splitlines()[0] if text else ""
+
+
+class _Logged(Protocol):
+    """What sent the messages (a SidecarProcess): its log explains a message that did not come."""
+
+    def log(self) -> str: ...
 
 
 @dataclass
@@ -93,6 +105,35 @@ class FakeSlack:
     def texts(self) -> list[str]:
         return [r.body.get("text", "") for r in self.accepted()]
 
+    def headlines(self) -> list[str]:
+        return [r.headline for r in self.accepted()]
+
+    def messages(self, title: str = "") -> list[Request]:
+        """The accepted messages with ``title`` in their headline, in arrival order."""
+        return [r for r in self.accepted() if title in r.headline]
+
+    def mentioning(self, text: str) -> list[Request]:
+        """The accepted messages with ``text`` anywhere in their body (text, blocks, fields)."""
+        return [r for r in self.accepted() if text in json.dumps(r.body)]
+
+    def wait_messages(self, title: str = "", count: int = 1, timeout: float = 30,
+                      side: _Logged | None = None) -> list[Request]:
+        """Wait until ``count`` accepted messages have ``title`` in their headline (no title: any
+        message); return all of them. If they do not come, the AssertionError lists what did,
+        and the end of ``side``'s log."""
+        try:
+            wait_for(lambda: len(self.messages(title)) >= count, timeout=timeout,
+                     what=f"{count} Slack message(s) titled {title!r}")
+        except TimeoutError:
+            log = f"\n--- sidecar log ---\n{side.log()[-4000:]}" if side is not None else ""
+            raise AssertionError(f"no {count}x {title!r} in Slack after {timeout}s; got {self.headlines()}{log}") \
+                from None
+        return self.messages(title)
+
+    def wait_message(self, title: str, timeout: float = 30, side: _Logged | None = None) -> Request:
+        """The first accepted message with ``title`` in its headline, once one has come."""
+        return self.wait_messages(title, 1, timeout, side)[0]
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def up(self) -> None:
@@ -144,6 +185,12 @@ class FakeSlack:
                 return self._record(path, body, 200, False, {}, {"ok": False, "error": "message_not_found"}, True)
             reply = {"ok": True, "channel": body["channel"], "ts": body["ts"], "text": body.get("text")}
             return self._record(path, body, 200, True, {}, reply, True)
+        if method == "auth.test":
+            # Slack's documented answer for a bot token; it posts nothing, so it is never "accepted".
+            reply = {"ok": True, "url": "https://fake-workspace.slack.com/", "team": "Fake Workspace",
+                     "user": "celery-sidecar", "team_id": "T000", "user_id": "U000", "bot_id": "B000",
+                     "is_enterprise_install": False}
+            return self._record(path, body, 200, False, {}, reply, True)
         return self._record(path, body, 200, False, {}, {"ok": False, "error": "unknown_method"}, True)
 
     def _posted(self, channel: str | None, ts: str | None) -> bool:

@@ -13,13 +13,14 @@ from typing import Any
 from celery_sidecar.alerts.model import Alert
 from celery_sidecar.exporters.collectors import StateCollector
 from celery_sidecar.exporters.event_metrics import EventMetrics
-from celery_sidecar.monitor.app_defaults import AppDefaults
-from celery_sidecar.monitor.config import Config, LiveConfig, parse_config
-from celery_sidecar.monitor.intake import Intake
-from celery_sidecar.monitor.pipeline import Pipeline, Sink
-from celery_sidecar.monitor.state import State
-from celery_sidecar.monitor.status import Status
+from celery_sidecar.monitor.config.app_settings import AppDefaults
+from celery_sidecar.monitor.config.settings import Config, LiveConfig, parse_config
+from celery_sidecar.monitor.fold.pipeline import Pipeline, Sink
+from celery_sidecar.monitor.fold.state import State
+from celery_sidecar.monitor.fold.status import Status
+from celery_sidecar.monitor.intake.consumer import Intake
 from celery_sidecar.monitor.view import StateView
+from tests.support.tier import require_e2e
 
 
 class Recorder:
@@ -76,11 +77,13 @@ class Consumer:
     """One event path (intake → pipeline → state and event metrics) on a thread, against a
     real broker: the sidecar without its HTTP server, probes and alerts."""
 
-    def __init__(self, url: str, fast_path: bool, transport_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, fast_path: bool, transport_options: dict[str, Any] | None = None,
+                 ssl_options: dict[str, Any] | None = None) -> None:
+        require_e2e("an event consumer on a broker")
         self.path = DataPath.build(now=None)
         self.state, self.metrics, self.pipeline = self.path.state, self.path.metrics, self.path.pipeline
         self.status = self.pipeline.status
-        self.intake = Intake(url, transport_options or {}, self.pipeline, fast_path=fast_path)
+        self.intake = Intake(url, transport_options or {}, self.pipeline, fast_path=fast_path, ssl_options=ssl_options)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.intake.run, args=(self.stop,), daemon=True)
 

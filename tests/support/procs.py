@@ -10,8 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
@@ -19,14 +20,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.paths import ARTIFACTS, SIDECAR, SUITE, child_env
 from tests.support.servers import free_port, wait_for
+from tests.support.tier import require_e2e
 
 _env = child_env
+T = TypeVar("T")
 
 
 class Process:
     """A child process in its own session, with its output in a log file kept for failures."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+        require_e2e(f"a {name} process")
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = ARTIFACTS / f"{name}-{os.getpid()}-{time.monotonic_ns()}.log"
@@ -96,6 +100,10 @@ class Metrics:
         return {lbl: v for (n, lbl), v in self.samples.items() if n == name and want <= set(lbl)}
 
 
+def _by(metrics: Metrics, name: str, label: str) -> dict[str, float]:
+    return {dict(lbl).get(label, ""): v for lbl, v in metrics.all(name).items() if v}
+
+
 class SidecarProcess(Process):
     def __init__(self, broker_url: str | None, *args: str, config: Path | None = None,
                  env: dict[str, str] | None = None, wait_connected: bool = True,
@@ -119,12 +127,22 @@ class SidecarProcess(Process):
         except TimeoutError:
             self.stop()
             raise AssertionError(f"sidecar did not start:\n{self.log()}") from None
+        except BaseException:
+            self.stop()  # it exited: nobody else holds it to stop
+            raise
 
     def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
-        code = httpx.get(f"{self.url}/health", timeout=2).status_code
+        code = self._get("/health", timeout=2).status_code
         return code == 200 or (code == 503 and not self._wait_connected)
+
+    def check_alive(self) -> None:
+        """An AssertionError, with the log, once the sidecar has exited: every wait on it ends at once."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+
+    def _get(self, path: str, timeout: float = 5) -> httpx.Response:
+        self.check_alive()
+        return httpx.get(f"{self.url}{path}", timeout=timeout)
 
     def stop(self, timeout: float = 10) -> int | None:
         code = super().stop(timeout)
@@ -132,10 +150,10 @@ class SidecarProcess(Process):
         return code
 
     def metrics(self) -> Metrics:
-        return Metrics(httpx.get(f"{self.url}/metrics", timeout=5).text)
+        return Metrics(self._get("/metrics").text)
 
     def health(self) -> tuple[int, dict]:
-        response = httpx.get(f"{self.url}/health", timeout=5)
+        response = self._get("/health")
         return response.status_code, response.json()
 
     def settled(self, timeout: float = 20) -> None:
@@ -152,20 +170,76 @@ class SidecarProcess(Process):
     def rss(self) -> int:
         return psutil.Process(self.proc.pid).memory_info().rss
 
-    def wait_metric(self, name: str, predicate, /, timeout: float = 20, **labels: str) -> float:
+    def wait_metric(self, name: str, predicate: Callable[[float], bool], /, timeout: float = 20,
+                    **labels: str) -> float:
         """Poll /metrics until the summed value of matching series satisfies predicate."""
-        last: list[float | None] = [None]
+        last: float | None = None
+        seen: Metrics | None = None
 
         def check() -> bool:
-            metrics = self.metrics()
-            last[0] = metrics.sum(name, **labels) if metrics.all(name, **labels) else None
-            return last[0] is not None and predicate(last[0])
+            nonlocal last, seen
+            seen = self.metrics()
+            last = seen.sum(name, **labels) if seen.all(name, **labels) else None
+            return last is not None and predicate(last)
 
+        def failure() -> str:
+            # What the sidecar did see, so that a failure says whether events arrived at all.
+            said = f"{name}{labels} never satisfied the condition; last value {last}"
+            if seen is None:
+                return said
+            series = {tuple(sorted(dict(lbl).items())): v for lbl, v in seen.all(name).items() if v}
+            return (f"{said}\n{name}, every non-zero series: {series}\n"
+                    f"events folded: {_by(seen, 'celery_sidecar_events_total', 'type')}\n"
+                    f"events skipped: {_by(seen, 'celery_sidecar_events_skipped_total', 'reason')}")
+
+        self._wait(check, timeout, failure, interval=0.2)
+        return last  # type: ignore[return-value]
+
+    def wait_health(self, status: int, timeout: float = 20) -> dict:
+        """Poll /health until it answers ``status`` (200: connected to the broker; 503: not); its body."""
+        last: int | None = None
+
+        def check() -> dict | None:
+            nonlocal last
+            last, body = self.health()
+            return body if last == status else None
+
+        return self._wait(check, timeout, lambda: f"/health never answered {status}; last {last}")
+
+    def wait_worker_up(self, name: str, timeout: float = 30) -> str:
+        """Wait until the sidecar sees the worker ``name`` (``-n name@%h``) up; its full hostname."""
+        workers: dict[str, str] = {}
+
+        def up() -> str | None:
+            workers.clear()
+            workers.update(self.health()[1]["workers"])
+            return next((h for h, s in workers.items() if h.startswith(f"{name}@") and s == "up"), None)
+
+        return self._wait(up, timeout, lambda: f"the sidecar never saw worker {name} up; workers: {workers}")
+
+    def wait_log(self, text: str, timeout: float = 10) -> None:
+        """Wait until the sidecar's log holds ``text``."""
+        self._wait(lambda: text in self.log(), timeout, lambda: f"{text!r} never appeared in the sidecar's log")
+
+    def wait_probe_rounds(self, rounds: int, timeout: float = 15) -> None:
+        """Wait until the queue probe has run ``rounds`` more times (its reading's age drops)."""
+        age: float | None = None
+        seen = 0
+
+        def another_round() -> bool:
+            nonlocal age, seen
+            now = self.metrics().get("celery_queue_probe_age_seconds")
+            if now is not None and age is not None and now < age:
+                seen += 1
+            age = now
+            return seen >= rounds
+
+        self._wait(another_round, timeout, lambda: f"{seen} of {rounds} more queue probe rounds")
+
+    def _wait(self, predicate: Callable[[], T], timeout: float, failure: Callable[[], str],
+              interval: float = 0.1) -> T:
+        """wait_for; on a timeout, an AssertionError saying ``failure()``, with the end of the log."""
         try:
-            wait_for(check, timeout=timeout, interval=0.2, what=f"{name}{labels}")
+            return wait_for(predicate, timeout=timeout, interval=interval, what="the sidecar")
         except TimeoutError:
-            raise AssertionError(
-                f"{name}{labels} never satisfied the condition; last value {last[0]}\n--- sidecar log ---\n"
-                + self.log()[-4000:]
-            ) from None
-        return last[0]  # type: ignore[return-value]
+            raise AssertionError(f"{failure()}\n--- sidecar log ---\n{self.log()[-4000:]}") from None
