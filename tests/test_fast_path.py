@@ -101,10 +101,6 @@ class _Consumer(Consumer):
         return [line for line in text.splitlines() if line.startswith(keep) and not line.startswith(timing)]
 
 
-def _pattern_subscribers(server: RedisServer) -> int:
-    return sum(1 for c in server.client().client_list(_type="pubsub") if int(c.get("psub", 0)) > 0)
-
-
 def test_fast_and_stock_paths_export_identical_metrics_for_the_same_stream(redis: RedisServer) -> None:
     messages, good_events = _recorded_stream()
     consumers = [_Consumer(redis.url, fast_path=True), _Consumer(redis.url, fast_path=False)]
@@ -114,8 +110,6 @@ def test_fast_and_stock_paths_export_identical_metrics_for_the_same_stream(redis
         consumer.thread.start()
     try:
         wait_for(lambda: all(c.status.connected for c in consumers), timeout=20, what="both intakes")
-        # kombu's consumer subscribes just after reporting ready; wait for both patterns.
-        wait_for(lambda: _pattern_subscribers(redis) >= 2, timeout=10, what="both subscriptions")
         publisher = Publisher(redis.port)
         publisher.publish(messages)
         # Each malformed message is one skip, and the list holding one good event adds it.

@@ -17,6 +17,7 @@ from typing import Any
 import amqp
 import kombu
 import pytest
+import redis
 from amqp.transport import SSLTransport, TCPTransport
 from celery import Celery
 from celery.events.receiver import EventReceiver
@@ -48,15 +49,21 @@ def test_the_private_kombu_methods_the_stock_path_replaces_are_as_expected():
     source = inspect.getsource(kombu_redis.Channel._receive_one)
     assert "raise Empty()" in source and event_receiver._KOMBU_SAYS_NOT_JSON in source
     assert kombu_redis.logger.name == event_receiver._KOMBU_REDIS_LOG
+    # Readiness on Redis: kombu reads every pub/sub reply through its subscriber's parse_response,
+    # and subscribes with PSUBSCRIBE (whose confirmation the stock path waits for).
+    assert kombu_hooks.PARSE_RESPONSE is not None and kombu_hooks.PARSE_RESPONSE.problem() is None
+    assert "c.parse_response()" in source
+    assert "client.pubsub()" in inspect.getsource(kombu_redis.Channel.subclient.func)
+    assert "c.psubscribe(" in inspect.getsource(kombu_redis.Channel._subscribe)
     # A virtual transport's channel builds each Message between _deliver and the consumer.
     assert "self.Message(raw_message, channel=self)" in inspect.getsource(virtual.Channel.basic_consume)
 
 
 @pytest.mark.parametrize(("url", "hooks"), [
-    ("redis://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE"]),
-    ("rediss://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE"]),
-    ("sentinel://127.0.0.1:26379", ["DELIVER", "RECEIVE_ONE"]),
-    ("redis+socket:///tmp/redis.sock", ["DELIVER", "RECEIVE_ONE"]),
+    ("redis://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
+    ("rediss://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
+    ("sentinel://127.0.0.1:26379", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
+    ("redis+socket:///tmp/redis.sock", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
     ("memory://", ["DELIVER"]),
     ("amqp://guest:guest@127.0.0.1:5672//", []),
 ])
@@ -158,3 +165,46 @@ def test_patched_the_stock_path_replaces_the_hooks_on_its_own_objects_only():
             assert "_deliver" in vars(channel.connection)
             assert "_deliver" not in vars(Connection("memory://").transport)
     assert virtual.Transport._deliver is inspect.getattr_static(virtual.Transport, "_deliver")
+
+
+# -- on Redis, "consuming" only once the server confirmed the subscription -------------------------
+
+
+def _ready_when(url: str, patch: bool) -> list[int]:
+    """Run the stock path's receiver until it says it is ready; how many pattern subscriptions
+    Redis had at that moment."""
+    app = Celery("ready", broker=url, set_as_current=False)
+    client = redis.Redis.from_url(url)
+    subscriptions_when_ready: list[int] = []
+    stop = threading.Event()
+
+    def on_ready() -> None:
+        subscriptions_when_ready.append(client.pubsub_numpat())
+        stop.set()
+
+    consumer = threading.Thread(target=event_receiver.consume, args=(
+        app, DataPath.build(now=None).pipeline, stop, on_ready, EventQueue(), lambda _n: None, patch))
+    consumer.start()
+    consumer.join(timeout=30)
+    assert not consumer.is_alive(), "the receiver never said it was ready"
+    return subscriptions_when_ready
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("patch", [True, False])
+def test_on_redis_the_stock_path_is_ready_only_once_redis_confirmed_its_subscription(redis_srv, patch,
+                                                                                     monkeypatch):
+    """kombu subscribes at its first poll, after on_consume_ready. Ready any earlier, the sidecar
+    says it is consuming while an event published then reaches nobody. Unpatched (a kombu it does
+    not know), it is ready at once, as celery's own receiver is."""
+    monkeypatch.setattr(event_receiver, "SUBSCRIBE_GRACE_SECONDS", 600.0)  # the confirmation, not the grace
+    assert _ready_when(redis_srv.url, patch) == ([1] if patch else [0])
+
+
+@pytest.mark.e2e
+def test_without_a_confirmation_the_stock_path_says_so_and_consumes_all_the_same(redis_srv, monkeypatch,
+                                                                                 caplog):
+    monkeypatch.setattr(event_receiver, "SUBSCRIBE_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(event_receiver, "when_subscribed", lambda _channel, _on_subscribed: True)  # never heard
+    assert _ready_when(redis_srv.url, True) == [1]
+    assert "Redis did not confirm the event subscription within 0.5s; consuming all the same" in caplog.text

@@ -35,7 +35,12 @@ from celery_sidecar.monitor.intake import kombu_hooks
 from celery_sidecar.monitor.intake.event_queue import EventQueue
 from celery_sidecar.monitor.intake.message_errors import MessageFailures
 
+log = logging.getLogger(__name__)
+
 BACKLOG_SECONDS = 5.0  # how often the event queue's depth is read (AMQP)
+# Redis: how long the receiver waits for the server to confirm its subscription before it says
+# it is consuming all the same (with a warning): a sidecar that never says so is worse.
+SUBSCRIBE_GRACE_SECONDS = 10.0
 # kombu's Redis channel logs each envelope that is not JSON, payload and traceback included; the
 # sidecar counts those (undecodable) and logs the count, rate-limited, instead.
 _KOMBU_REDIS_LOG = "kombu.transport.redis"
@@ -107,6 +112,35 @@ def guard_receive_one(channel: Any, failures: MessageFailures, skip: Callable[[s
     logging.getLogger(_KOMBU_REDIS_LOG).addFilter(_NOT_JSON_FILTER)  # once: a filter is added once
 
 
+def when_subscribed(channel: Any, on_subscribed: Callable[[], None]) -> bool:
+    """On a Redis channel, run ``on_subscribed`` once the server confirms the event subscription.
+
+    kombu sends PSUBSCRIBE at its first poll, after ``on_consume_ready``: said there, "consuming"
+    would come before Redis delivers anything, and the events published in between (a
+    producer's first task-sent events, right after /health said connected) would be missed
+    without a trace. The confirmation is a reply on the subscriber connection, read by
+    redis-py's ``PubSub.parse_response``, which kombu's ``_receive_one`` calls: it is wrapped
+    on this channel's own subscriber until every pattern it subscribed is confirmed.
+    Returns False for a channel that is not kombu's Redis channel (nothing to wait for)."""
+    if kombu_hooks.PARSE_RESPONSE not in kombu_hooks.needed_by(channel.connection):
+        return False
+    pubsub = channel.subclient
+    parse = pubsub.parse_response
+
+    def parse_response(*args: Any, **kwargs: Any) -> Any:
+        response = parse(*args, **kwargs)
+        # [b"psubscribe", pattern, how many channels and patterns this connection now has]; a list
+        # subclass with hiredis 3 (PushNotification), as kombu's own isinstance check allows.
+        if (isinstance(response, (list, tuple)) and len(response) == 3 and response[0] == b"psubscribe"
+                and response[2] >= len(pubsub.patterns)):
+            del pubsub.parse_response  # confirmed: redis-py's own from here on
+            on_subscribed()
+        return response
+
+    pubsub.parse_response = parse_response
+    return True
+
+
 class _GuardedReceiver(EventReceiver):
     """EventReceiver that counts and skips what it cannot decode instead of dying, and on
     AMQP consumes the sidecar's own event queue (monitor/intake/event_queue.py)."""
@@ -122,6 +156,7 @@ class _GuardedReceiver(EventReceiver):
         self._on_backlog = on_backlog
         self._channel: Any = None
         self._next_backlog = 0.0
+        self._ready_by: float | None = None  # Redis: waiting for the subscription until then
         # Our loop owns reconnecting (with status and backoff); kombu must not retry forever.
         self.connect_max_retries = 1
         if self.connection.transport.driver_type == "amqp":
@@ -197,6 +232,10 @@ class _GuardedReceiver(EventReceiver):
     def on_iteration(self) -> None:
         if self._stop.is_set():
             self.should_stop = True
+        if self._ready_by is not None and time.monotonic() >= self._ready_by:
+            log.warning("Redis did not confirm the event subscription within %gs; consuming all the same",
+                        SUBSCRIBE_GRACE_SECONDS)
+            self._subscribed()
         if self._backlog_of is not None and self._channel is not None and time.monotonic() >= self._next_backlog:
             # On the consuming connection: celery's event queues may be exclusive to it.
             _, messages, _ = self._channel.queue_declare(self._backlog_of, passive=True)
@@ -207,8 +246,16 @@ class _GuardedReceiver(EventReceiver):
         if self._patch:
             guard_messages(channel, self._failures, self._pipeline.skip)
         self._channel = channel
-        self._on_ready()
+        if self._patch and when_subscribed(channel, self._subscribed):
+            self._ready_by = time.monotonic() + SUBSCRIBE_GRACE_SECONDS
+        else:
+            self._on_ready()
         super().on_consume_ready(connection, channel, consumers, wakeup=wakeup, **kwargs)
+
+    def _subscribed(self) -> None:
+        if self._ready_by is not None:
+            self._ready_by = None
+            self._on_ready()
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:
         raise exc

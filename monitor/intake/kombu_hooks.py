@@ -9,11 +9,15 @@ on its own transport and channel objects (never on the classes):
 - ``kombu.transport.redis.Channel._receive_one(c)``: reads one pub/sub reply and parses the
   envelope's JSON, before ``_deliver``.
 
-A kombu release may rename either or change its parameters. Then the stock path replaces
-neither (never one without the other) and runs as celery's EventReceiver does: it still
-works, but an envelope kombu trips over costs a reconnect again. It says so at start, in one
-line, and on /health (``broker.intake_reason``). tests/test_kombu_hooks.py fails first, on the
-upgrade that changes them; pyproject.toml pins kombu to the releases checked.
+On Redis it also wraps redis-py's ``PubSub.parse_response(block, timeout)`` on its channel's own
+subscriber, to see the server confirm the subscription before it says it is consuming.
+
+A release may rename any of them or change its parameters. Then the stock path replaces
+none (never one without the others) and runs as celery's EventReceiver does: it still
+works, but an envelope kombu trips over costs a reconnect again, and it says it is consuming
+before Redis confirmed the subscription. It says so at start, in one line, and on /health
+(``broker.intake_reason``). tests/test_kombu_hooks.py fails first, on the upgrade that changes
+them; pyproject.toml pins kombu to the releases checked.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from kombu.transport import virtual
 
 try:  # the Redis transport needs redis-py, which the sidecar always installs
     from kombu.transport import redis as kombu_redis
+    from redis.client import PubSub
 except ImportError:  # pragma: no cover - only without redis-py
-    kombu_redis = None  # type: ignore[assignment]
+    kombu_redis = PubSub = None  # type: ignore[assignment,misc]
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class Hook:
 
 DELIVER = Hook(virtual.Transport, "_deliver", ("message", "queue"))
 RECEIVE_ONE = Hook(kombu_redis.Channel, "_receive_one", ("c",)) if kombu_redis is not None else None
+PARSE_RESPONSE = Hook(PubSub, "parse_response", ("block", "timeout")) if PubSub is not None else None
 
 
 def needed_by(transport: Any) -> list[Hook]:
@@ -66,7 +72,7 @@ def needed_by(transport: Any) -> list[Hook]:
     if isinstance(transport, virtual.Transport):
         hooks.append(DELIVER)
         if RECEIVE_ONE is not None and issubclass(getattr(transport, "Channel", object), kombu_redis.Channel):
-            hooks.append(RECEIVE_ONE)
+            hooks.extend((RECEIVE_ONE, PARSE_RESPONSE))
     return hooks
 
 
