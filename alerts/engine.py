@@ -193,7 +193,11 @@ class AlertEngine(Sink):
         storm.suppressed = 0
 
     def _worker_shutdown(self, update: WorkerUpdate) -> None:
-        self.offline_groups.pop(update.hostname, None)
+        if update.hostname in self.offline_groups:
+            # Reported silent, it was alive after all (a network partition, a stalled event
+            # loop): that page is over, and the shutdown is judged by its own rule from now on.
+            self._resolve_offline(update, "Worker heard from again",
+                                  f"{update.hostname} was heard from again: it shut down gracefully (worker-offline).")
         if self.rules.worker_shutdown.enabled:
             # Held back: a restart brings the worker back within the grace window.
             self.shutdowns[update.hostname] = _Shutdown(update, update.timestamp)
@@ -258,15 +262,18 @@ class AlertEngine(Sink):
             log.info("worker %s is back %.0f s after a graceful shutdown: a restart, not reported",
                      update.hostname, update.timestamp - shutdown.update.timestamp)
             return
-        if update.hostname not in self.offline_groups:
-            return
+        if update.hostname in self.offline_groups:
+            self._resolve_offline(update, "Worker back online", f"Heartbeats from {update.hostname} have resumed.")
+
+    def _resolve_offline(self, update: WorkerUpdate, title: str, text: str) -> None:
+        """Resolve the worker's open offline or shutdown alert (the caller checked there is one)."""
         group, rule = self.offline_groups.pop(update.hostname)
         self.dispatcher.submit(
             Alert(
                 key=f"{group}:resolved", group=group, kind="worker_online", status="resolved",
                 severity=self.rules.rule(rule).severity,
-                title=f"Worker back online: {update.hostname}",
-                text=f"Heartbeats from {update.hostname} have resumed.",
+                title=f"{title}: {update.hostname}",
+                text=text,
                 fields={"Worker": update.hostname},
                 created_at=update.timestamp,
                 dashboard=self._dashboard(hostname=update.hostname),

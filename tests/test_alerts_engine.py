@@ -148,3 +148,31 @@ def test_the_grace_window_starts_again_when_an_unreachable_broker_is_back_and_a_
     assert shutdown_story({}, away=90, outage=50) == []
     assert [a.status for a in shutdown_story({}, away=120, outage=50)] == ["firing", "resolved"]
     assert shutdown_story({"alerts": {"rules": {"worker_shutdown": {"enabled": False}}}}, away=90) == []
+
+
+def test_a_worker_reported_silent_that_then_shuts_down_gracefully_resolves_its_page():
+    """Its heartbeats stopped (a partition), it was paged; then its worker-offline arrives: it was
+    alive after all. That page resolves, and the shutdown is judged by its own rule from then on."""
+    path = DataPath.build({}, now=T0)
+    recorder = Recorder()
+    path.pipeline.add_sink(AlertEngine(path.config, path.view, recorder))
+    path.pipeline.set_connected(True)
+    path.handle(worker_event("online", T0), worker_event("heartbeat", T0 + 2))
+    path.at(T0 + 100).pipeline.tick(T0 + 100)
+    [lost] = recorder.alerts
+    assert (lost.kind, lost.status) == ("worker_offline", "firing")
+
+    path.at(T0 + 101).handle(worker_event("offline", T0 + 101))
+    [_, heard] = recorder.alerts
+    assert (heard.status, heard.group, heard.kind) == ("resolved", lost.group, "worker_online")
+    assert heard.title == "Worker heard from again: w@x"
+    assert heard.text == "w@x was heard from again: it shut down gracefully (worker-offline)."
+
+    # Back within the shutdown rule's 60 s: a restart, nothing more. Away past it: its own page.
+    path.at(T0 + 130).handle(worker_event("online", T0 + 130))
+    path.at(T0 + 131).pipeline.tick(T0 + 131)
+    assert len(recorder.alerts) == 2
+    path.at(T0 + 140).handle(worker_event("offline", T0 + 140))
+    for second in range(141, 205):
+        path.at(T0 + second).pipeline.tick(T0 + second)
+    assert [(a.kind, a.status) for a in recorder.alerts[2:]] == [("worker_shutdown", "firing")]
