@@ -86,6 +86,7 @@ class KubernetesSettings:
     name: str = "celery-sidecar"
     image: str = field(default_factory=_default_image)
     secret_name: str = "celery-sidecar"
+    broker_tls_secret: str = ""  # empty: none mounted
     sidecar_config: str = field(default_factory=lambda: resources.read_text(resources.DEFAULT_CONFIG))
     monitor: str = "service"
     prometheus_labels: tuple[tuple[str, str], ...] = ()
@@ -175,6 +176,8 @@ def _name_problems(s: KubernetesSettings) -> list[str]:
                         f"and -, and be at most {MAX_NAME} long")
     if len(s.secret_name) > 253 or not _DNS_SUBDOMAIN.match(s.secret_name):
         problems.append(f"K8S_SECRET_NAME: {s.secret_name!r} is not a Secret name")
+    if s.broker_tls_secret and (len(s.broker_tls_secret) > 253 or not _DNS_SUBDOMAIN.match(s.broker_tls_secret)):
+        problems.append(f"K8S_BROKER_TLS_SECRET: {s.broker_tls_secret!r} is not a Secret name")
     if not s.image or any(c.isspace() for c in s.image):
         problems.append(f"SIDECAR_IMAGE: {s.image!r} is not an image reference")
     return problems
@@ -265,7 +268,10 @@ def kubernetes_options(command: Callable) -> Callable:
                 help="The sidecar image, built from the Dockerfile."),
         _option("--secret-name", env="K8S_SECRET_NAME", default="celery-sidecar", show_default=True,
                 help="The Secret (not rendered) with CELERY_BROKER_URL and, optionally, SLACK_WEBHOOK_URL, "
-                     "SLACK_BOT_TOKEN, SLACK_CHANNEL."),
+                     "SLACK_BOT_TOKEN, SLACK_CHANNEL, SIDECAR_BROKER_USE_SSL."),
+        _option("--broker-tls-secret", env="K8S_BROKER_TLS_SECRET", default="",
+                help="A Secret (not rendered) with the broker's CA and client certificate and key, mounted "
+                     "read-only at /etc/celery-sidecar-tls for SIDECAR_BROKER_USE_SSL to name."),
         _option("--sidecar-config", env="K8S_SIDECAR_CONFIG", type=click.Path(dir_okay=False, path_type=Path),
                 help="sidecar.yml for the ConfigMap (checked first). Default: the documented defaults."),
         _option("--monitor", env="K8S_MONITOR", type=click.Choice(MONITORS), default="service", show_default=True,
@@ -355,7 +361,8 @@ def settings_from_flags(scrape_interval: str, flags: dict[str, Any]) -> Kubernet
     try:
         settings = KubernetesSettings(
             scrape_interval=scrape_interval, namespace=flags["namespace"], name=flags["name"], image=flags["image"],
-            secret_name=flags["secret_name"], sidecar_config=config, monitor=flags["monitor"],
+            secret_name=flags["secret_name"], broker_tls_secret=flags["broker_tls_secret"], sidecar_config=config,
+            monitor=flags["monitor"],
             prometheus_labels=prometheus_labels, dashboard_label=dashboard_label[0],
             dashboard_folder_annotation=flags["dashboard_folder_annotation"],
             dashboard_folder=flags["dashboard_folder"], dashboard_namespace=flags["dashboard_namespace"],

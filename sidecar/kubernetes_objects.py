@@ -32,7 +32,11 @@ STATE_DIR = "/var/lib/celery-sidecar"
 TMP_DIR = "/tmp"  # the image's WORKDIR: the only other path the process may write
 # The sidecar's own settings, one Secret key each; only the broker is required.
 SECRET_KEYS = {"CELERY_BROKER_URL": False, "SLACK_WEBHOOK_URL": True, "SLACK_BOT_TOKEN": True,
-               "SLACK_CHANNEL": True}
+               "SLACK_CHANNEL": True, "SIDECAR_BROKER_USE_SSL": True}
+# --broker-tls-secret: the broker's CA and client certificate and key, as files, for the
+# SIDECAR_BROKER_USE_SSL key's JSON to name (docs/kubernetes.md, "A broker behind TLS").
+BROKER_TLS_DIR = "/etc/celery-sidecar-tls"
+BROKER_TLS_MODE = 0o440  # read by the sidecar's group (fsGroup), by nobody else
 # What the queue-scaling trigger reads: how many workers each queue needs.
 WORKERS_DESIRED = "celery_queue_workers_desired"
 MAX_NAME = 63  # a label value: KEDA labels the HPA it makes with the ScaledObject's name
@@ -109,6 +113,7 @@ def _container(s: KubernetesSettings) -> Obj:
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "state", "mountPath": STATE_DIR},
             {"name": "tmp", "mountPath": TMP_DIR},
+            *([{"name": "broker-tls", "mountPath": BROKER_TLS_DIR, "readOnly": True}] if s.broker_tls_secret else []),
         ],
     }
 
@@ -133,6 +138,8 @@ def deployment(s: KubernetesSettings) -> Obj:
             # The sqlite outbox (non-Redis brokers): kept across container restarts, not pod moves.
             {"name": "state", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+            *([{"name": "broker-tls", "secret": {"secretName": s.broker_tls_secret, "defaultMode": BROKER_TLS_MODE}}]
+              if s.broker_tls_secret else []),
         ],
     }
     if s.ha:

@@ -111,11 +111,12 @@ def test_nothing_secret_is_rendered_and_the_secret_is_only_referenced(tmp_path: 
     assert "Secret" not in {o["kind"] for o in objects.values()}
     env = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
     refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
-    assert set(refs) == {"CELERY_BROKER_URL", "SLACK_WEBHOOK_URL", "SLACK_BOT_TOKEN", "SLACK_CHANNEL"}
+    assert set(refs) == {"CELERY_BROKER_URL", "SLACK_WEBHOOK_URL", "SLACK_BOT_TOKEN", "SLACK_CHANNEL",
+                         "SIDECAR_BROKER_USE_SSL"}
     assert {r["name"] for r in refs.values()} == {"shop-sidecar"}
     assert all(r["key"] == name for name, r in refs.items())
     assert refs["CELERY_BROKER_URL"]["optional"] is False
-    assert all(r["optional"] for name, r in refs.items() if name.startswith("SLACK_"))
+    assert all(r["optional"] for name, r in refs.items() if name != "CELERY_BROKER_URL")
 
 
 # -- the same container as the image and the compose stack --------------------------------------

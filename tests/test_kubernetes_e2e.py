@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from tests.support.kubelet import ConfigMapVolume
 from tests.support.manifests import ALL_OPTIONS, load, one, rendered_with
 from tests.support.paths import SUITE, child_env
 from tests.support.procs import Metrics, Process, SidecarProcess
+from tests.support.redis_production import tls_redis
 from tests.support.servers import free_port, wait_for
+from tests.support.tls import make_pki
 
 pytestmark = pytest.mark.e2e
 
@@ -114,9 +117,11 @@ def test_a_configmap_edit_reaches_the_sidecar_within_a_second_and_a_bad_one_is_r
 # -- the Deployment's container, run as rendered ------------------------------------------------
 
 
-def local_mounts(pod: dict, container: dict, objects: dict, root: Path) -> dict[str, Path]:
+def local_mounts(pod: dict, container: dict, objects: dict, root: Path,
+                 secret_files: dict[str, dict[str, str]] | None = None) -> dict[str, Path]:
     """Each of the container's mounts as a local directory: ConfigMaps laid out by the kubelet's
-    rules, emptyDirs empty. mountPath -> directory."""
+    rules, Secrets from ``secret_files`` (Secret name -> key -> the file with its value) with
+    the volume's mode, emptyDirs empty. mountPath -> directory."""
     volumes = {v["name"]: v for v in pod["volumes"]}
     config_maps = {o["metadata"]["name"]: o for o in objects.values() if o["kind"] == "ConfigMap"}
     mapped = {}
@@ -125,6 +130,11 @@ def local_mounts(pod: dict, container: dict, objects: dict, root: Path) -> dict[
         volume = volumes[mount["name"]]
         if "configMap" in volume:
             ConfigMapVolume(local, config_maps[volume["configMap"]["name"]]["data"])
+        elif "secret" in volume:
+            local.mkdir(parents=True)
+            for key, source in (secret_files or {})[volume["secret"]["secretName"]].items():
+                (local / key).write_bytes(Path(source).read_bytes())
+                (local / key).chmod(volume["secret"]["defaultMode"])
         else:
             assert set(volume) == {"name", "emptyDir"}, volume
             local.mkdir(parents=True)
@@ -133,32 +143,32 @@ def local_mounts(pod: dict, container: dict, objects: dict, root: Path) -> dict[
 
 
 def local_env(container: dict, mapped: dict[str, Path], secrets: dict[str, str]) -> dict[str, str]:
-    """The container's env: paths under a mount moved to its local directory, each Secret key from
-    ``secrets`` (an optional key that is not there sets nothing, as in a pod)."""
+    """The container's env: paths under a mount moved to its local directory (in a Secret's
+    value too: a JSON naming mounted files), each Secret key from ``secrets`` (an optional key
+    that is not there sets nothing, as in a pod)."""
     env = {}
     for item in container["env"]:
         if "valueFrom" in item:
             ref = item["valueFrom"]["secretKeyRef"]
-            if ref["key"] in secrets:
-                env[item["name"]] = secrets[ref["key"]]
+            if ref["key"] in secrets:  # each JSON string that is a path, once
+                env[item["name"]] = re.sub(r'"(/[^"]*)"', lambda m: json.dumps(local_path(m[1], mapped)),
+                                           secrets[ref["key"]])
             else:
                 assert ref["optional"], f"{ref['key']} is required but the test gives no value"
             continue
-        value = item["value"]
-        for mount in sorted(mapped, key=len, reverse=True):  # the innermost mount holds the path
-            if value == mount or value.startswith(mount + "/"):
-                value = str(mapped[mount]) + value[len(mount):]
-                break
-        env[item["name"]] = value
+        env[item["name"]] = local_path(item["value"], mapped)
     return env
 
 
-def test_the_rendered_container_command_and_env_run_a_healthy_sidecar(redis_srv, procs, tmp_path: Path):
-    objects = load(rendered_with(tmp_path))
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    mapped = local_mounts(pod, container, objects, tmp_path / "pod")
-    env = local_env(container, mapped, {"CELERY_BROKER_URL": redis_srv.url})
+def local_path(value: str, mapped: dict[str, Path]) -> str:
+    for mount in sorted(mapped, key=len, reverse=True):  # the innermost mount holds the path
+        if value == mount or value.startswith(mount + "/"):
+            return str(mapped[mount]) + value[len(mount):]
+    return value
+
+
+def run_as_rendered(container: dict, mapped: dict[str, Path], env: dict[str, str], procs: list) -> tuple[int, dict]:
+    """The container's command with its env, on a free loopback port; (the port, its healthy /health)."""
     # Not the rendered port and address: a free loopback port, so that no test shares or exposes it.
     port = free_port()
     env.update(SIDECAR_PORT=str(port), SIDECAR_BIND="127.0.0.1")
@@ -173,10 +183,42 @@ def test_the_rendered_container_command_and_env_run_a_healthy_sidecar(redis_srv,
         response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
         return response.json() if response.status_code == 200 else None
 
-    health = wait_for(healthy, timeout=30, what="the rendered sidecar's /health")
+    return port, wait_for(healthy, timeout=30, what="the rendered sidecar's /health")
+
+
+def test_the_rendered_container_command_and_env_run_a_healthy_sidecar(redis_srv, procs, tmp_path: Path):
+    objects = load(rendered_with(tmp_path))
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mapped = local_mounts(pod, container, objects, tmp_path / "pod")
+    env = local_env(container, mapped, {"CELERY_BROKER_URL": redis_srv.url})
+    port, health = run_as_rendered(container, mapped, env, procs)
     assert health["status"] == "ok", health
     assert health["broker"]["connected"] is True
     assert health["config"] == {**health["config"], "path": env["SIDECAR_CONFIG"], "valid": True}
     assert Path(env["SIDECAR_CONFIG"]).parent == mapped["/etc/celery-sidecar"]
     metrics = Metrics(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
     assert metrics.get("celery_sidecar_config_valid") == 1
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "stock"])
+def test_the_rendered_pod_reads_a_tls_broker_with_the_mounted_client_certificate(fast_path, procs, tmp_path: Path):
+    """redis-server requires a client certificate of its CA; the pod has it only through the
+    --broker-tls-secret mount and the SIDECAR_BROKER_USE_SSL key naming its files."""
+    pki = make_pki(tmp_path / "pki")
+    with tls_redis(pki) as (_server, tls_port):
+        objects = load(rendered_with(tmp_path, "--broker-tls-secret", "broker-tls"))
+        pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        files = {"broker-tls": {"ca.crt": pki.ca, "tls.crt": pki.client_cert, "tls.key": pki.client_key}}
+        mapped = local_mounts(pod, container, objects, tmp_path / "pod", files)
+        use_ssl = {"ssl_cert_reqs": "required", "ssl_ca_certs": "/etc/celery-sidecar-tls/ca.crt",
+                   "ssl_certfile": "/etc/celery-sidecar-tls/tls.crt", "ssl_keyfile": "/etc/celery-sidecar-tls/tls.key"}
+        env = local_env(container, mapped, {"CELERY_BROKER_URL": f"rediss://127.0.0.1:{tls_port}/0",
+                                            "SIDECAR_BROKER_USE_SSL": json.dumps(use_ssl)})
+        assert mapped["/etc/celery-sidecar-tls"].as_posix() in env["SIDECAR_BROKER_USE_SSL"]
+        if not fast_path:
+            env["SIDECAR_FAST_PATH"] = "false"
+        _port, health = run_as_rendered(container, mapped, env, procs)
+        assert health["broker"]["connected"] is True
+        assert health["broker"]["intake"] == ("redis-fast" if fast_path else "stock"), health["broker"]

@@ -89,9 +89,29 @@ def test_queues_whose_names_differ_only_in_punctuation_get_distinct_objects(tmp_
     assert {o["spec"]["fallback"]["replicas"] for o in load(out).values() if o["kind"] == "ScaledObject"} == {4}
 
 
+def test_a_broker_tls_secret_is_mounted_read_only_for_the_sidecar_alone(tmp_path: Path):
+    def pod(*args: str) -> dict:
+        return one(load(rendered_with(tmp_path / "-".join(args or ("none",)), *args)),
+                   "Deployment")["spec"]["template"]["spec"]
+
+    plain = pod()
+    assert "broker-tls" not in {v["name"] for v in plain["volumes"]}
+    assert "broker-tls" not in {m["name"] for m in plain["containers"][0]["volumeMounts"]}
+    tls = pod("--broker-tls-secret", "shop-broker-tls")
+    assert {"name": "broker-tls", "secret": {"secretName": "shop-broker-tls", "defaultMode": 0o440}} in tls["volumes"]
+    mounts = tls["containers"][0]["volumeMounts"]
+    assert {"name": "broker-tls", "mountPath": "/etc/celery-sidecar-tls", "readOnly": True} in mounts
+    assert tls["securityContext"]["fsGroup"] == tls["securityContext"]["runAsGroup"], "0440: the group reads"
+    # The JSON naming the files is a key of the main Secret, optional like Slack's.
+    env = tls["containers"][0]["env"]
+    [ref] = [e["valueFrom"]["secretKeyRef"] for e in env if e["name"] == "SIDECAR_BROKER_USE_SSL"]
+    assert ref == {"name": "celery-sidecar", "key": "SIDECAR_BROKER_USE_SSL", "optional": True}
+
+
 def test_every_kubernetes_flag_reads_an_environment_variable(tmp_path: Path):
     options = {p.name: p for p in render_command.params}
-    for name in ("manifests", "namespace", "name", "image", "secret_name", "sidecar_config", "monitor",
+    for name in ("manifests", "namespace", "name", "image", "secret_name", "broker_tls_secret", "sidecar_config",
+                 "monitor",
                  "prometheus_labels", "dashboard_label", "dashboard_folder_annotation", "dashboard_folder",
                  "dashboard_namespace", "ha", "network_policy", "monitoring_namespace", "scale_queues",
                  "scale_min_replicas", "scale_max_replicas", "scale_fallback_replicas", "scale_prometheus_url",
@@ -140,6 +160,7 @@ def test_the_manifests_need_none_of_the_compose_settings_and_say_when_one_is_giv
     (("--scale-queue", "a=w", "--scale-prometheus-url", "prometheus:9090"), "K8S_SCALE_PROMETHEUS_URL"),
     (("--grafana-url", "%(protocol)s://x/grafana"), "GRAFANA_ROOT_URL"),
     (("--scrape-interval", "often"), "SCRAPE_INTERVAL: 'often' is not a duration"),
+    (("--broker-tls-secret", "Broker TLS"), "K8S_BROKER_TLS_SECRET: 'Broker TLS' is not a Secret name"),
 ])
 def test_a_setting_the_manifests_cannot_take_is_refused_and_nothing_is_written(tmp_path: Path, args, says):
     result = render(tmp_path / "out", *args)

@@ -16,7 +16,7 @@ from celery_sidecar.render_cli import render_command
 ALL_OPTIONS = ("--ha", "--network-policy", "--monitor", "service", "--prometheus-label", "release=kps",
                "--prometheus-label", "team=ops", "--scale-queue", "celery=worker",
                "--scale-queue", "reports.Heavy=report-worker", "--namespace", "shop",
-               "--dashboard-namespace", "monitoring")
+               "--dashboard-namespace", "monitoring", "--broker-tls-secret", "shop-broker-tls")
 
 # kubectl apply (client side) keeps the whole object in this annotation; the API server refuses
 # more than this many bytes of annotations, keys included.
