@@ -37,7 +37,8 @@ def worker_families(snap: Snapshot) -> Iterator[Metric]:
     up = GaugeMetricFamily(
         "celery_worker_up",
         "1 while the worker's heartbeats arrive; 0 once none came for 2 x its heartbeat interval + "
-        "state.heartbeat_grace_seconds, or after it shut down.",
+        "state.heartbeat_grace_seconds, or after it shut down. Absent, as every per-worker series, while the "
+        "sidecar is cut off from the broker.",
         labels=["hostname"],
     )
     active = GaugeMetricFamily(
@@ -68,7 +69,9 @@ def worker_families(snap: Snapshot) -> Iterator[Metric]:
         "--enable-events).",
         labels=["hostname"],
     )
-    for w in snap.workers:
+    # Cut off from the broker, the sidecar cannot hear a worker: its last view would say "up"
+    # for a worker that died meanwhile, and the max across HA sidecars would take that.
+    for w in snap.workers if snap.intake.connected else ():
         host = [w.hostname]
         up.add_metric(host, 1.0 if w.alive else 0.0)
         active.add_metric(host, w.active)
@@ -88,7 +91,7 @@ def queue_worker_families(snap: Snapshot) -> Iterator[Metric]:
     consumes several queues counts once in each."""
     per_queue_workers: dict[str, int] = {}
     per_queue_procs: dict[str, int] = {}
-    for w in snap.workers:
+    for w in snap.workers if snap.intake.connected else ():
         if w.alive:
             for queue in w.queues:
                 per_queue_workers[queue] = per_queue_workers.get(queue, 0) + 1

@@ -303,6 +303,7 @@ def test_a_disabled_family_is_left_out_entirely():
     off = ["celery_task_queue_wait_time", "celery_task_sent", "celery_worker_up", "celery_task_class",
            "celery_sidecar_render_errors_total"]
     path = DataPath.build({"cardinality": {"disable_families": off}}, now=T0)
+    path.pipeline.set_connected(True)
     path.handle(event("worker-online", hostname=W1, freq=2.0, pid=1))
     run(path, "a", "app.ok")
     text = scrape(path).text
