@@ -313,6 +313,10 @@ class AlertEngine(Sink):
                     key = (signal.rule, reading.subject)
                     seen.add(key)
                     self._breached(key, signal, reading, rule, now)
+        if not snap.intake.connected:
+            # A breach the sidecar cannot see any more is not over: resolved now, it would be
+            # news the sidecar does not have (a worker's receipts, a task's end, are unheard).
+            return
         for key in [k for k in self.breaches if k not in seen]:
             self._cleared(key, now)
 

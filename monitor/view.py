@@ -224,7 +224,8 @@ class StateView:
                 beat_down_since=state.beat.down_since,
                 stream=_stream(state), end_unseen=dict(state.task_fold.end_unseen),
                 closed_unseen=frozenset(state.task_fold.held.closed),
-                loads=loads, consuming=tuple(consuming(state, now, waited)),
+                # Cut off from the broker, no receipt can be seen: silence is no evidence of a zombie.
+                loads=loads, consuming=tuple(consuming(state, now, waited)) if status.connected else (),
             )
         if ticking:
             pipeline.tick_snapshot = snap

@@ -13,6 +13,7 @@ from celery_sidecar.alerts.delivery.outbox import open_outbox
 from celery_sidecar.alerts.delivery.slack import SlackSettings
 from celery_sidecar.alerts.engine import AlertEngine
 from celery_sidecar.alerts.model import Alert
+from celery_sidecar.monitor.fold.records import WorkerInfo
 from tests.support.inproc import DataPath, Recorder
 
 T0 = 1_700_000_000.0
@@ -176,3 +177,34 @@ def test_a_worker_reported_silent_that_then_shuts_down_gracefully_resolves_its_p
     for second in range(141, 205):
         path.at(T0 + second).pipeline.tick(T0 + second)
     assert [(a.kind, a.status) for a in recorder.alerts[2:]] == [("worker_shutdown", "firing")]
+
+
+def test_a_page_the_sidecar_cannot_see_through_is_held_not_resolved_and_not_paged_again():
+    """A zombie worker is paged; the broker goes away for 90 s. Cut off, the sidecar has no news
+    of it: nothing is resolved. Back, the worker is still a zombie: the same page stands."""
+    path = DataPath.build({"thresholds": {"not_consuming_seconds": 5}}, now=T0)
+    recorder = Recorder()
+    path.pipeline.add_sink(AlertEngine(path.config, path.view, recorder))
+    path.pipeline.set_connected(True)
+
+    def heartbeat(at: float) -> None:
+        path.at(at).handle({"type": "worker-heartbeat", "hostname": "w@x", "timestamp": at, "local_received": at,
+                            "freq": 2.0, "active": 0, "processed": 0})
+
+    heartbeat(T0)
+    path.pipeline.record_inspection({"w@x": WorkerInfo(queues=("orders",), pool_max=2)})
+    path.handle({"type": "task-sent", "uuid": "t", "name": "app.a", "queue": "orders", "hostname": "web@app",
+                 "timestamp": T0, "local_received": T0})
+    heartbeat(T0 + 9)
+    path.at(T0 + 10).pipeline.tick(T0 + 10)
+    assert [(a.title, a.status) for a in recorder.alerts] == [("Worker not consuming: w@x on orders", "firing")]
+
+    path.pipeline.set_connected(False)
+    for second in range(11, 100, 10):
+        path.at(T0 + second).pipeline.tick(T0 + second)
+    path.at(T0 + 100).pipeline.set_connected(True)
+    for second in range(100, 130, 2):
+        heartbeat(T0 + second)
+        path.at(T0 + second).pipeline.tick(T0 + second)
+    about_it = [(a.title, a.status) for a in recorder.alerts if "not consuming" in a.title]
+    assert about_it == [("Worker not consuming: w@x on orders", "firing")]

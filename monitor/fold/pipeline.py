@@ -189,6 +189,8 @@ class Pipeline:
                 status.last_error = error
                 if status.connected and not connected:
                     status.last_disconnect = error
+            if status.connected and not connected:
+                self.state.lost_sight(self.clock())
             status.connected = connected
 
     def _log_sink_error(self, sink: Sink) -> None:

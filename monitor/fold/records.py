@@ -75,7 +75,7 @@ class WorkerRecord:
     rss_bytes: float | None = None
     queues: tuple[str, ...] = ()
     received_at: dict[str, float] = field(default_factory=dict)  # queue -> its last task received here
-    up_since: float = 0.0  # when it was first seen, or came back after going down
+    up_since: float = 0.0  # when first seen or back after going down (broker outages left out)
 
 
 @dataclass(slots=True)

@@ -49,6 +49,7 @@ class State:
                                   end_unseen=lambda host: self.worker_fold.stream.end_unseen_on(host, 1),
                                   saw_received=self.worker_fold.saw_received, route=self.app.route)
         self.stream_window = StreamWindow(config.current.state.stream_window_seconds)
+        self.blind_since: float | None = None  # when the event stream was lost, until it is back
         # The containers readers iterate, under their usual names.
         self.tasks = self.task_fold.records
         self.workers = self.worker_fold.records
@@ -78,9 +79,16 @@ class State:
         self.stream_window.seconds = self.config.state.stream_window_seconds
         self.stream_window.add(StreamSample(now, stream.expected, stream.missed, reconnects, lag))
 
+    def lost_sight(self, now: float) -> None:
+        """The event stream is gone: nothing the workers do is seen until ``resume``."""
+        if self.blind_since is None:
+            self.blind_since = now
+
     def resume(self, now: float) -> None:
         """The broker is reachable again after an outage the sidecar could not see through."""
-        self.worker_fold.resume(now)
+        blind_for = max(0.0, now - self.blind_since) if self.blind_since is not None else 0.0
+        self.blind_since = None
+        self.worker_fold.resume(now, blind_for)
         self.beat.resume(now)
 
     def follow_beat_config(self, now: float) -> None:

@@ -137,12 +137,19 @@ class WorkerFold:
         self.stream.tick(now)
         return went_offline, forgotten
 
-    def resume(self, now: float) -> None:
-        """The broker is back: no heartbeat could arrive while it was away, so every live
-        worker gets a fresh grace period instead of being declared dead for it."""
+    def resume(self, now: float, blind_for: float) -> None:
+        """The broker is back after ``blind_for`` seconds: no heartbeat could arrive meanwhile,
+        so every live worker gets a fresh grace period instead of being declared dead for it.
+        The zombie check (monitor/load.py) counts only time it could watch: receipts it could
+        not see are no evidence, so the outage is left out of each worker's idle time (a
+        zombie before it is one still; a worker that received just before it is not one)."""
         for worker in self.records.values():
             if worker.alive:
                 worker.last_seen = max(worker.last_seen, now)
+                worker.up_since = min(worker.up_since + blind_for, now)
+                received = worker.received_at
+                for queue, at in received.items():
+                    received[queue] = min(at + blind_for, now)
 
     # -- what workers say of themselves -----------------------------------------------------
 
