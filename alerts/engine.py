@@ -194,8 +194,9 @@ class AlertEngine(Sink):
 
     def _worker_shutdown(self, update: WorkerUpdate) -> None:
         if update.hostname in self.offline_groups:
-            # Reported silent, it was alive after all (a network partition, a stalled event
-            # loop): that page is over, and the shutdown is judged by its own rule from now on.
+            # Reported silent (or away after a shutdown), it was alive after all (a network
+            # partition, a stalled event loop, a return whose worker-online was lost): that page
+            # is over, and this shutdown is judged by its own rule from now on.
             self._resolve_offline(update, "Worker heard from again",
                                   f"{update.hostname} was heard from again: it shut down gracefully (worker-offline).")
         if self.rules.worker_shutdown.enabled:
@@ -316,6 +317,10 @@ class AlertEngine(Sink):
         if not snap.intake.connected:
             # A breach the sidecar cannot see any more is not over: resolved now, it would be
             # news the sidecar does not have (a worker's receipts, a task's end, are unheard).
+            # Its clearing starts again once the sidecar can see: the outage proves nothing.
+            for key, breach in self.breaches.items():
+                if key not in seen:
+                    breach.clear_since = None
             return
         for key in [k for k in self.breaches if k not in seen]:
             self._cleared(key, now)

@@ -37,8 +37,8 @@ def worker_families(snap: Snapshot) -> Iterator[Metric]:
     up = GaugeMetricFamily(
         "celery_worker_up",
         "1 while the worker's heartbeats arrive; 0 once none came for 2 x its heartbeat interval + "
-        "state.heartbeat_grace_seconds, or after it shut down. Absent, as every per-worker series, while the "
-        "sidecar is cut off from the broker.",
+        "state.heartbeat_grace_seconds, or after it shut down. A live worker's 1 is absent while the sidecar "
+        "is cut off from the broker, and after it reconnects until the worker is heard again.",
         labels=["hostname"],
     )
     active = GaugeMetricFamily(
@@ -69,11 +69,16 @@ def worker_families(snap: Snapshot) -> Iterator[Metric]:
         "--enable-events).",
         labels=["hostname"],
     )
-    # Cut off from the broker, the sidecar cannot hear a worker: its last view would say "up"
-    # for a worker that died meanwhile, and the max across HA sidecars would take that.
-    for w in snap.workers if snap.intake.connected else ():
+    connected = snap.intake.connected
+    for w in snap.workers:
         host = [w.hostname]
-        up.add_metric(host, 1.0 if w.alive else 0.0)
+        # "Up" only for a worker the sidecar hears now: cut off from the broker (or back, before
+        # the worker's next heartbeat), its view would hold up a worker that died meanwhile, and
+        # the max across HA sidecars would take that. A 0 holds nothing up: always said.
+        if not w.alive:
+            up.add_metric(host, 0.0)
+        elif connected and w.heard:
+            up.add_metric(host, 1.0)
         active.add_metric(host, w.active)
         events_on.add_metric(host, 1.0 if w.task_events_enabled else 0.0)
         if w.pool_max:
@@ -91,7 +96,7 @@ def queue_worker_families(snap: Snapshot) -> Iterator[Metric]:
     consumes several queues counts once in each."""
     per_queue_workers: dict[str, int] = {}
     per_queue_procs: dict[str, int] = {}
-    for w in snap.workers if snap.intake.connected else ():
+    for w in snap.workers:
         if w.alive:
             for queue in w.queues:
                 per_queue_workers[queue] = per_queue_workers.get(queue, 0) + 1

@@ -31,6 +31,7 @@ class WorkerView:
     rss_bytes: float | None
     queues: tuple[str, ...]
     task_events_enabled: bool
+    heard: bool  # heard since the broker was last back (a 1 on celery_worker_up needs it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +185,7 @@ class StateView:
             counters = state.counters
             workers = tuple(
                 WorkerView(w.hostname, w.alive, w.active, w.pool_max, w.cpu_percent, w.memory_percent,
-                           w.rss_bytes, w.queues, not state.worker_fold.task_events_missing(w, now))
+                           w.rss_bytes, w.queues, not state.worker_fold.task_events_missing(w, now), w.heard)
                 for w in state.workers.values()
             )
             retries = {name: window.counts(now) for name, window in state.task_fold.retry_windows.items()}
@@ -224,13 +225,24 @@ class StateView:
                 beat_down_since=state.beat.down_since,
                 stream=_stream(state), end_unseen=dict(state.task_fold.end_unseen),
                 closed_unseen=frozenset(state.task_fold.held.closed),
-                # Cut off from the broker, no receipt can be seen: silence is no evidence of a zombie.
-                loads=loads, consuming=tuple(consuming(state, now, waited)) if status.connected else (),
+                loads=loads, consuming=_consuming(state, now, waited, status.connected),
             )
         if ticking:
             pipeline.tick_snapshot = snap
         return snap
 
+
+def _consuming(state: State, now: float, waited: dict[str, float], connected: bool) -> tuple[Consuming, ...]:
+    """The zombie check's verdicts. Cut off from the broker, no receipt can be seen, and silence
+    is no evidence: the verdicts stay as they were when the stream was lost (a zombie then is
+    one still; nobody becomes one for the outage)."""
+    if connected:
+        return tuple(consuming(state, now, waited))
+    blind_since = state.blind_since
+    if blind_since is None:  # never connected: no worker heard yet
+        return ()
+    gone = now - blind_since
+    return tuple(consuming(state, blind_since, {q: max(0.0, w - gone) for q, w in waited.items()}))
 
 def _confirmed_stuck(state: State, now: float) -> tuple[tuple[StuckTask, ...], dict[str, int]]:
     """Tasks past their limit that their worker confirmed (or could not deny): no phantoms.

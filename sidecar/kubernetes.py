@@ -174,10 +174,12 @@ def _name_problems(s: KubernetesSettings) -> list[str]:
     if len(s.name) > MAX_NAME or not _DNS_1035.match(s.name):
         problems.append(f"K8S_NAME: {s.name!r} must start with a letter, hold only lower case letters, digits "
                         f"and -, and be at most {MAX_NAME} long")
-    if len(s.secret_name) > 253 or not _DNS_SUBDOMAIN.match(s.secret_name):
-        problems.append(f"K8S_SECRET_NAME: {s.secret_name!r} is not a Secret name")
-    if s.broker_tls_secret and (len(s.broker_tls_secret) > 253 or not _DNS_SUBDOMAIN.match(s.broker_tls_secret)):
-        problems.append(f"K8S_BROKER_TLS_SECRET: {s.broker_tls_secret!r} is not a Secret name")
+    secrets = [("K8S_SECRET_NAME", s.secret_name)]
+    if s.broker_tls_secret:  # empty: none
+        secrets.append(("K8S_BROKER_TLS_SECRET", s.broker_tls_secret))
+    for variable, value in secrets:
+        if len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
+            problems.append(f"{variable}: {value!r} is not a Secret name")
     if not s.image or any(c.isspace() for c in s.image):
         problems.append(f"SIDECAR_IMAGE: {s.image!r} is not an image reference")
     return problems

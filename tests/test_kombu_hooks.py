@@ -25,6 +25,7 @@ from kombu import Connection, Consumer, Message
 from kombu.mixins import ConsumerMixin
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from redis.client import PubSub
 
 from celery_sidecar.monitor.config.settings import Config
 from celery_sidecar.monitor.intake import event_receiver, kombu_hooks
@@ -60,10 +61,10 @@ def test_the_private_kombu_methods_the_stock_path_replaces_are_as_expected():
 
 
 @pytest.mark.parametrize(("url", "hooks"), [
-    ("redis://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
-    ("rediss://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
-    ("sentinel://127.0.0.1:26379", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
-    ("redis+socket:///tmp/redis.sock", ["DELIVER", "RECEIVE_ONE", "PARSE_RESPONSE"]),
+    ("redis://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE"]),
+    ("rediss://127.0.0.1:6379/0", ["DELIVER", "RECEIVE_ONE"]),
+    ("sentinel://127.0.0.1:26379", ["DELIVER", "RECEIVE_ONE"]),
+    ("redis+socket:///tmp/redis.sock", ["DELIVER", "RECEIVE_ONE"]),
     ("memory://", ["DELIVER"]),
     ("amqp://guest:guest@127.0.0.1:5672//", []),
 ])
@@ -71,6 +72,7 @@ def test_each_transport_needs_the_hooks_it_has(url, hooks):
     transport = Connection(url).transport
     assert kombu_hooks.needed_by(transport) == [getattr(kombu_hooks, h) for h in hooks]
     assert kombu_hooks.unpatched_reason(transport) is None
+    assert kombu_hooks.confirms_subscription(transport) == ("RECEIVE_ONE" in hooks)
 
 
 def test_the_celery_and_kombu_api_the_stock_path_overrides_and_calls():
@@ -140,6 +142,18 @@ def test_a_changed_hook_is_one_clear_line_in_the_log_and_on_health(changed_deliv
         sidecar.http.stop()
     assert body["broker"]["intake"] == "stock"
     assert changed_deliver in body["broker"]["intake_reason"]
+
+
+def test_a_changed_redis_py_parse_response_keeps_the_guards_and_drops_only_the_wait(monkeypatch):
+    def parse_response(self, block=True, timeout=0, push=False):  # a release that took a third parameter
+        raise AssertionError("the stock path must not wrap a method it does not know")
+
+    monkeypatch.setattr(PubSub, "parse_response", parse_response)
+    transport = Connection("redis://127.0.0.1:6379/0").transport
+    assert kombu_hooks.unpatched_reason(transport) is None, "kombu's hooks are still as expected"
+    assert not kombu_hooks.confirms_subscription(transport)
+    assert kombu_hooks.PARSE_RESPONSE.problem() == (
+        "changed redis.client.PubSub.parse_response(block, timeout) to (block, timeout, push)")
 
 
 def test_unpatched_the_stock_path_replaces_nothing_of_kombus(changed_deliver):

@@ -76,6 +76,7 @@ class WorkerRecord:
     queues: tuple[str, ...] = ()
     received_at: dict[str, float] = field(default_factory=dict)  # queue -> its last task received here
     up_since: float = 0.0  # when first seen or back after going down (broker outages left out)
+    heard: bool = True  # an event of its own since the broker was last back
 
 
 @dataclass(slots=True)

@@ -60,6 +60,7 @@ class WorkerFold:
             worker.alive, worker.offline_reason, worker.went_offline_at = True, None, None
             worker.up_since = now
         worker.last_seen = now
+        worker.heard = True
         worker.last_heartbeat_ts = ts
         if freq:
             worker.freq = freq
@@ -146,6 +147,7 @@ class WorkerFold:
         for worker in self.records.values():
             if worker.alive:
                 worker.last_seen = max(worker.last_seen, now)
+                worker.heard = False  # alive, as far as anyone knows: not "up" until it says so
                 worker.up_since = min(worker.up_since + blind_for, now)
                 received = worker.received_at
                 for queue, at in received.items():

@@ -121,8 +121,9 @@ def when_subscribed(channel: Any, on_subscribed: Callable[[], None]) -> bool:
     without a trace. The confirmation is a reply on the subscriber connection, read by
     redis-py's ``PubSub.parse_response``, which kombu's ``_receive_one`` calls: it is wrapped
     on this channel's own subscriber until every pattern it subscribed is confirmed.
-    Returns False for a channel that is not kombu's Redis channel (nothing to wait for)."""
-    if kombu_hooks.PARSE_RESPONSE not in kombu_hooks.needed_by(channel.connection):
+    Returns False for a channel that is not kombu's Redis channel (nothing to wait for), or
+    when redis-py's ``parse_response`` is not what it expects (monitor/intake/kombu_hooks.py)."""
+    if not kombu_hooks.confirms_subscription(channel.connection):
         return False
     pubsub = channel.subclient
     parse = pubsub.parse_response

@@ -9,15 +9,17 @@ on its own transport and channel objects (never on the classes):
 - ``kombu.transport.redis.Channel._receive_one(c)``: reads one pub/sub reply and parses the
   envelope's JSON, before ``_deliver``.
 
-On Redis it also wraps redis-py's ``PubSub.parse_response(block, timeout)`` on its channel's own
-subscriber, to see the server confirm the subscription before it says it is consuming.
+A kombu release may rename either or change its parameters. Then the stock path replaces
+neither (never one without the other) and runs as celery's EventReceiver does: it still
+works, but an envelope kombu trips over costs a reconnect again. It says so at start, in one
+line, and on /health (``broker.intake_reason``). tests/test_kombu_hooks.py fails first, on the
+upgrade that changes them; pyproject.toml pins kombu to the releases checked.
 
-A release may rename any of them or change its parameters. Then the stock path replaces
-none (never one without the others) and runs as celery's EventReceiver does: it still
-works, but an envelope kombu trips over costs a reconnect again, and it says it is consuming
-before Redis confirmed the subscription. It says so at start, in one line, and on /health
-(``broker.intake_reason``). tests/test_kombu_hooks.py fails first, on the upgrade that changes
-them; pyproject.toml pins kombu to the releases checked.
+On Redis it also wraps redis-py's ``PubSub.parse_response(block, timeout)`` on its channel's own
+subscriber, to see the server confirm the subscription before it says it is consuming. That
+one is checked on its own (``PARSE_RESPONSE``): a redis-py that changed it leaves the message
+guards in place, and the stock path says it is consuming as soon as kombu is ready, as
+celery's EventReceiver would.
 """
 
 from __future__ import annotations
@@ -72,8 +74,14 @@ def needed_by(transport: Any) -> list[Hook]:
     if isinstance(transport, virtual.Transport):
         hooks.append(DELIVER)
         if RECEIVE_ONE is not None and issubclass(getattr(transport, "Channel", object), kombu_redis.Channel):
-            hooks.extend((RECEIVE_ONE, PARSE_RESPONSE))
+            hooks.append(RECEIVE_ONE)
     return hooks
+
+
+def confirms_subscription(transport: Any) -> bool:
+    """Whether the stock path can wait for Redis to confirm its subscription on ``transport``:
+    kombu's Redis channel, and redis-py's ``PubSub.parse_response`` as expected."""
+    return RECEIVE_ONE in needed_by(transport) and PARSE_RESPONSE is not None and PARSE_RESPONSE.problem() is None
 
 
 def unpatched_reason(transport: Any) -> str | None:
